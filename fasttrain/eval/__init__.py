@@ -1,0 +1,1 @@
+"""Evaluations of a trained model: held-out loss, memorization, copying, induction heads."""

@@ -1,0 +1,1 @@
+"""Training: the plain single-process trainer, its checkpoints and metrics, and the DeepSpeed path."""

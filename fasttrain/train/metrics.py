@@ -1,0 +1,85 @@
+"""Metrics: one JSON line per logged step (metrics.jsonl), optional TensorBoard, and a progress display."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+def truncate_metrics(path: str, after_step: int) -> None:
+    """On resume, drop lines logged after the checkpoint by the interrupted run (rewritten atomically)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip()]
+    kept = []
+    for ln in lines:
+        try:
+            if json.loads(ln).get("step", 0) <= after_step:
+                kept.append(ln)
+        except json.JSONDecodeError:  # a line cut by the kill
+            pass
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str, total_steps: int, start_step: int = 0, tensorboard: bool = False,
+                 enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.total_steps = total_steps
+        self.tb = None
+        self.bar = None
+        if not enabled:
+            return
+        truncate_metrics(self.path, start_step)
+        self.file = open(self.path, "a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ImportError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        self.t0 = time.time()
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+        if "loss" not in record:  # evaluation records are printed as they are
+            msg = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+            if self.bar is not None:
+                self.bar.write(msg)
+            else:
+                print(msg, flush=True)
+            return
+        if self.bar is not None:
+            self.bar.n = record["step"]
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record.get('tokens_per_s', 0):.3g}")
+            self.bar.refresh()
+        else:
+            mfu = f" mfu {record['mfu']:.1%}" if "mfu" in record else ""
+            print(f"step {record['step']}/{self.total_steps} loss {record['loss']:.4f} lr {record['lr']:.3g} "
+                  f"grad_norm {record['grad_norm']:.3g} tok/s {record['tokens_per_s']:.4g}{mfu}", flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        self.file.close()

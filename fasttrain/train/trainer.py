@@ -1,0 +1,213 @@
+"""The plain trainer: one process, CPU or one GPU.
+
+    cfg = load_config("configs/demo.yaml", ["--train.steps", "200"])
+    summary = train(cfg)
+
+Data order comes from the repetition schedule and is a pure function of (dataset, data config, seed):
+batch k is the same whether the run went straight through or was killed and resumed. A resumed run
+continues from its newest complete checkpoint (model, optimizer, RNG and step) and gives, on a CPU,
+exactly the losses of the uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import torch
+
+from fasttrain.config import Config, ConfigError, config_from_dict, seq_len
+from fasttrain.model import GPT
+from fasttrain.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
+from fasttrain.train.device import autocast, autocast_dtype, peak_flops, resolve_device
+from fasttrain.train.metrics import MetricsLogger
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine decay or constant."""
+    o, total = cfg.optim, cfg.train.steps
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return o.lr
+    progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (and embeddings), none on biases and LayerNorm gains."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    o = cfg.optim
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=device.type == "cuda")
+
+
+def open_training_stream(cfg: Config):
+    """The prepared dataset and the repetition-schedule stream of cfg.train.steps global batches."""
+    from fasttrain.data import TrainingStream, open_dataset
+
+    if not cfg.data.path:
+        raise ConfigError("data.path: not set (prepare a dataset with `fasttrain prepare` and point data.path to it)")
+    dataset = open_dataset(cfg.data.path)
+    stream = TrainingStream(
+        dataset,
+        seq_len=seq_len(cfg),
+        num_sequences=cfg.train.steps * cfg.train.global_batch,
+        repeated_fraction=cfg.data.repeated_fraction,
+        repeat_count=cfg.data.repeat_count,
+        placement=cfg.data.placement,
+        seed=cfg.data.seed,
+    )
+    return dataset, stream
+
+
+def build_model(cfg: Config, vocab_size: int) -> GPT:
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size < vocab_size:
+        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the dataset's vocabulary ({vocab_size})")
+    torch.manual_seed(cfg.train.seed)
+    return GPT.from_config(cfg.model, vocab_size)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _check_same_config(saved: dict, cfg: Config, run_dir: str) -> None:
+    """A run folder holds one config: resuming with a different one would mix two experiments."""
+    current = cfg.to_dict()
+    for section, values in current.items():
+        for key, value in values.items():
+            old = saved.get(section, {}).get(key)
+            if old != value:
+                raise ConfigError(
+                    f"{section}.{key}: {value!r} differs from {old!r} in the run being resumed ({run_dir}); "
+                    "use the same config or another train.out_dir"
+                )
+
+
+def _is_checkpoint_step(step: int, cfg: Config) -> bool:
+    t = cfg.train
+    if step == t.steps:
+        return True
+    if t.checkpoint_every and step % t.checkpoint_every == 0:
+        return True
+    return t.checkpoint_log_spaced and step & (step - 1) == 0
+
+
+def train(cfg: Config, resume: bool = False) -> dict:
+    """Run (or resume) the training described by cfg; returns the final metrics."""
+    t = cfg.train
+    run_dir = t.out_dir
+    device = resolve_device(t.device)
+    amp_dtype = autocast_dtype(t.precision, device)
+    micro = t.micro_batch or t.global_batch
+    accum = t.global_batch // micro
+    T = seq_len(cfg)
+
+    existing = list_checkpoints(run_dir)
+    if existing and not resume:
+        raise ConfigError(f"train.out_dir: {run_dir} already holds checkpoints; pass --resume to continue it "
+                          "or choose another train.out_dir")
+    dataset, stream = open_training_stream(cfg)  # validates data and schedule before anything is written
+    model = build_model(cfg, dataset.vocab_size).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    start_step = 0
+    if resume and existing:
+        saved = config_from_dict(_load_saved_config(run_dir))
+        _check_same_config(saved.to_dict(), cfg, run_dir)
+        ckpt = load_latest_checkpoint(run_dir, map_location=device)
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            _set_rng_state(ckpt["rng"])
+            start_step = ckpt["step"]
+    os.makedirs(run_dir, exist_ok=True)
+    cfg.save(os.path.join(run_dir, "config.yaml"))
+    step_fn_model = torch.compile(model) if t.compile else model
+
+    flops_per_step = model.flops_per_token(T) * t.global_batch * T
+    peak = peak_flops(device)
+    logger = MetricsLogger(run_dir, t.steps, start_step, tensorboard=t.tensorboard)
+    log_spaced = {s for s in range(1, t.steps + 1) if t.checkpoint_log_spaced and s & (s - 1) == 0}
+    summary = {}
+    model.train()
+    tick, tick_step = time.time(), start_step
+    batches = stream.iter_batches(start_step, t.steps - start_step, t.global_batch)
+    for step in range(start_step, t.steps):
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        tokens = next(batches).to(device, non_blocking=True)
+        loss_sum = torch.zeros((), device=device)
+        for chunk in tokens.split(micro):
+            with autocast(device, amp_dtype):
+                loss = step_fn_model(chunk[:, :-1], chunk[:, 1:])
+            (loss / accum).backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+
+        if done % t.log_every == 0 or done == t.steps:
+            loss_value = (loss_sum / accum).item()  # the only host sync of a step, and only when logging
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss is {loss_value} at step {done}: lower optim.lr or check the data")
+            elapsed = time.time() - tick
+            tok_s = (done - tick_step) * t.global_batch * T / max(elapsed, 1e-9)
+            record = {"step": done, "tokens": done * t.global_batch * T, "loss": loss_value, "lr": lr,
+                      "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
+            if peak:
+                record["mfu"] = flops_per_step * (done - tick_step) / max(elapsed, 1e-9) / peak
+            logger.log(record)
+            tick, tick_step = time.time(), done
+        if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
+            summary = {"step": done, **evaluate_during_training(model, dataset, cfg, device, amp_dtype)}
+            logger.log(summary)
+            model.train()
+        if _is_checkpoint_step(done, cfg):
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
+                     "rng": _rng_state(), "config": cfg.to_dict(), "vocab_size": model.vocab_size}
+            save_checkpoint(run_dir, done, state, keep=t.keep_checkpoints, protected=log_spaced)
+            tick = time.time()  # checkpoint time is not training time
+    logger.close()
+    final_path = os.path.join(run_dir, "final.json")
+    if summary:
+        _write_json(final_path, summary)
+    else:  # resumed a run that had already finished
+        with open(final_path) as f:
+            summary = json.load(f)
+    return summary
+
+
+def evaluate_during_training(model: GPT, dataset, cfg: Config, device, amp_dtype) -> dict:
+    from fasttrain.eval.loss import heldout_loss
+
+    with autocast(device, amp_dtype):
+        return heldout_loss(model, dataset, seq_len(cfg), max_tokens=cfg.train.eval_tokens,
+                            batch_size=cfg.train.micro_batch or cfg.train.global_batch, device=device)
+
+
+def _load_saved_config(run_dir: str) -> dict:
+    import yaml
+
+    with open(os.path.join(run_dir, "config.yaml")) as f:
+        return yaml.safe_load(f)
+
+
+def _write_json(path: str, doc: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)

@@ -1,0 +1,1 @@
+"""Triton kernels with their autograd wrappers. Imports only torch and triton."""

@@ -1,0 +1,75 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fasttrain.ladder import PRESETS, non_embedding_params
+from fasttrain.model import GPT
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_match_their_nominal_size(name):
+    p = PRESETS[name]
+    with torch.device("meta"):  # no memory: the 800m model is counted, not allocated
+        model = GPT(p.n_layer, p.d_model, p.n_head, vocab_size=8192, context_length=p.context_length)
+    n = model.num_params(non_embedding=True)
+    assert n == non_embedding_params(p.n_layer, p.d_model)
+    assert abs(n - p.nominal_params) <= 0.10 * p.nominal_params
+    assert model.num_params(non_embedding=False) == n + p.d_model * (8192 + p.context_length)
+    assert p.d_model // p.n_head in (16, 32, 64, 128)
+
+
+def test_ladder_is_geometric_and_spans_1m_to_800m():
+    sizes = [non_embedding_params(p.n_layer, p.d_model) for p in PRESETS.values()]
+    assert sizes == sorted(sizes)
+    assert sizes[0] < 1.5e6 and 7.5e8 < sizes[-1] < 8.5e8
+    assert all(1.25 < b / a < 4.5 for a, b in zip(sizes, sizes[1:]))
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return GPT(n_layer=2, d_model=32, n_head=2, vocab_size=97, context_length=64, **kw)
+
+
+def test_loss_matches_logits_and_reductions():
+    model = tiny()
+    x = torch.randint(0, 97, (3, 20))
+    y = torch.randint(0, 97, (3, 20))
+    y[0, :5] = -100
+    logits = model(x)
+    assert logits.shape == (3, 20, 97)
+    ref = F.cross_entropy(logits.view(-1, 97), y.view(-1), reduction="none").view(3, 20)
+    torch.testing.assert_close(model(x, y, reduction="none"), ref)
+    torch.testing.assert_close(model(x, y), ref.sum() / (y != -100).sum())
+    torch.testing.assert_close(model(x, y, reduction="sum"), ref.sum())
+
+
+def test_causality_and_attention_probs():
+    model = tiny()
+    x = torch.randint(0, 97, (2, 16))
+    x2 = x.clone()
+    x2[:, 10:] = (x2[:, 10:] + 1) % 97
+    torch.testing.assert_close(model(x)[:, :10], model(x2)[:, :10])  # the future never leaks
+    logits, probs = model.attention_probs(x)
+    torch.testing.assert_close(logits, model(x), rtol=1e-5, atol=1e-5)
+    assert len(probs) == 2 and probs[0].shape == (2, 2, 16, 16)
+    torch.testing.assert_close(probs[0].sum(-1), torch.ones(2, 2, 16))
+    assert probs[0].triu(1).abs().max() == 0
+
+
+def test_output_head_is_tied_and_context_is_enforced():
+    model = tiny()
+    assert model.num_params(non_embedding=False) == sum(p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match="context length"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_flash_backend_missing_is_a_clear_error():
+    pytest.importorskip("torch")
+    try:
+        import flash_attn  # noqa: F401
+        pytest.skip("flash-attn is installed")
+    except ImportError:
+        pass
+    model = tiny(attention="flash")
+    with pytest.raises(ImportError, match="flash-attn"):
+        model(torch.zeros(1, 8, dtype=torch.long))
