@@ -55,6 +55,7 @@ def is_distributed_launch() -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     from fasttrain.data.cli import register as register_data
+    from fasttrain.eval.cli import register as register_eval
 
     parser = argparse.ArgumentParser(
         prog="fasttrain",
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     register_data(sub)
+    register_eval(sub)
     return parser
 
 

@@ -1,4 +1,16 @@
-"""Held-out test loss, in nats per token and bits per byte."""
+"""Held-out test loss, in nats per token and bits per byte.
+
+Definition (fixed):
+- Windows: the test split (documents never trained on) is cut into consecutive windows of seq_len + 1
+  tokens, exactly as training cuts the train split (windows cross document boundaries). The evaluation
+  reads n = min(available, max(1, max_tokens // seq_len)) windows spread evenly over the whole split
+  (first and last included), so the sample is deterministic and covers every part of the split.
+- Loss: mean next-token cross-entropy in nats over every predicted token of those windows (seq_len per
+  window), at every context length from 1 to seq_len, as in training.
+- Bits per byte: the summed loss in bits divided by the UTF-8 bytes of the predicted tokens (a byte-level
+  BPE token stands for exactly len(token) bytes; end-of-text counts 0 bytes but its loss counts). It
+  compares models with different tokenizers.
+"""
 from __future__ import annotations
 
 import math
@@ -6,26 +18,33 @@ import math
 import numpy as np
 import torch
 
+from fasttrain.eval.common import count_windows, evenly_spaced, read_windows, token_byte_lengths, token_losses
+
+
+def windows_loss(model, dataset, split: str, window_ids, seq_len: int, batch_size: int, device=None,
+                 byte_lengths: np.ndarray | None = None) -> dict:
+    """Mean loss (nats/token), bits per byte and token count over the given windows of a split."""
+    windows = read_windows(dataset, split, window_ids, seq_len)
+    losses = token_losses(model, windows, batch_size, device)
+    if byte_lengths is None:
+        byte_lengths = token_byte_lengths(dataset.tokenizer, dataset.vocab_size)
+    n_bytes = int(byte_lengths[np.clip(windows[:, 1:], 0, len(byte_lengths) - 1)].sum())
+    total = float(losses.double().sum())
+    return {
+        "loss": total / max(losses.numel(), 1),
+        "bits_per_byte": total / math.log(2) / max(n_bytes, 1),
+        "tokens": int(losses.numel()),
+    }
+
 
 @torch.no_grad()
 def heldout_loss(model, dataset, seq_len: int, max_tokens: int, batch_size: int, device) -> dict:
-    """Mean next-token loss over the first max_tokens tokens of the test split (a fixed, deterministic set
-    of seq_len windows, never trained on). Bits per byte divide the summed loss by the UTF-8 bytes of the
-    predicted tokens, so tokenizers of different vocabularies compare."""
-    n_windows = min(dataset.num_windows("test", seq_len), max(1, max_tokens // seq_len))
-    if n_windows == 0:
-        raise ValueError(f"the test split holds fewer than {seq_len + 1} tokens: prepare with a larger test fraction")
-    model.eval()
-    total_nats, total_tokens, total_bytes = 0.0, 0, 0
-    for start in range(0, n_windows, batch_size):
-        ids = np.arange(start, min(start + batch_size, n_windows))
-        windows = torch.from_numpy(dataset.read_windows("test", ids, seq_len).astype(np.int64)).to(device)
-        losses = model(windows[:, :-1], windows[:, 1:], reduction="none").float()
-        total_nats += losses.sum().item()
-        total_tokens += losses.numel()
-        total_bytes += sum(len(dataset.tokenizer.decode(w[1:].tolist()).encode("utf-8")) for w in windows.cpu())
-    return {
-        "test_loss": total_nats / total_tokens,
-        "test_bits_per_byte": total_nats / math.log(2) / max(total_bytes, 1),
-        "test_tokens": total_tokens,
-    }
+    """Test loss over about max_tokens predicted tokens of the held-out split (see the module docstring)."""
+    available = count_windows(dataset, "test", seq_len)  # a dataset without a test split raises here
+    if available == 0:
+        raise ValueError(f"the test split holds fewer than {seq_len + 1} tokens, too few for one window of "
+                         f"seq_len {seq_len}: prepare the dataset with a larger test fraction")
+    ids = evenly_spaced(available, max(1, max_tokens // seq_len))
+    result = windows_loss(model, dataset, "test", ids, seq_len, batch_size, device)
+    return {"test_loss": result["loss"], "test_bits_per_byte": result["bits_per_byte"],
+            "test_tokens": result["tokens"]}

@@ -143,7 +143,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
     summary = {}
     model.train()
     tick, tick_step = time.time(), start_step
-    batches = stream.iter_batches(start_step, t.steps - start_step, t.global_batch)
+    # prefetch=0: a read-ahead thread measured slower than reading in the loop (it competes for the GIL)
+    batches = stream.iter_batches(start_step, t.steps - start_step, t.global_batch, prefetch=0)
     for step in range(start_step, t.steps):
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
@@ -191,12 +192,12 @@ def train(cfg: Config, resume: bool = False) -> dict:
     return summary
 
 
-def evaluate_during_training(model: GPT, dataset, cfg: Config, device, amp_dtype) -> dict:
+def evaluate_during_training(model: GPT, dataset, cfg: Config, device, amp_dtype, batch_size: int | None = None) -> dict:
     from fasttrain.eval.loss import heldout_loss
 
     with autocast(device, amp_dtype):
         return heldout_loss(model, dataset, seq_len(cfg), max_tokens=cfg.train.eval_tokens,
-                            batch_size=cfg.train.micro_batch or cfg.train.global_batch, device=device)
+                            batch_size=batch_size or cfg.train.micro_batch or cfg.train.global_batch, device=device)
 
 
 def _load_saved_config(run_dir: str) -> dict:

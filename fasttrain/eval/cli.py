@@ -1,0 +1,67 @@
+"""`fasttrain eval` and `fasttrain export`, registered on the main parser by register(subparsers)."""
+from __future__ import annotations
+
+import os
+
+from fasttrain.eval.run import ALL_METRICS
+
+
+def cmd_eval(args) -> None:
+    from fasttrain.eval.run import evaluate_checkpoint, format_table, parse_metrics, resolve_checkpoint
+
+    parse_metrics(args.metrics)  # a typo fails before any model is loaded
+    if args.all:
+        if not os.path.isdir(args.checkpoint):
+            raise ValueError(f"--all evaluates every checkpoint of a run folder; {args.checkpoint} is not a folder")
+        paths = list(reversed(resolve_checkpoint(args.checkpoint)))  # oldest first
+    else:
+        paths = [args.checkpoint]
+    for i, path in enumerate(paths):
+        out = args.json
+        if args.all and out:
+            out = os.path.join(out, "eval_" + os.path.splitext(os.path.basename(path))[0] + ".json")
+        doc, written = evaluate_checkpoint(path, dataset_path=args.dataset, metrics=args.metrics, tokens=args.tokens,
+                                           out=out, device=args.device, config=args.config)
+        if i:
+            print()
+        print(format_table(doc))
+        print(f"  written to {written}")
+
+
+def cmd_export(args) -> None:
+    import torch
+
+    from fasttrain.eval.export import export_checkpoint
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    out = export_checkpoint(args.checkpoint, args.hf, dataset_path=args.dataset, config=args.config, dtype=dtype)
+    print(f"wrote a Hugging Face model and tokenizer to {out} (load with AutoModelForCausalLM.from_pretrained)")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="evaluate a checkpoint: test loss, memorization, copying, induction heads",
+        description="Evaluate a checkpoint (a .pt file, or a run folder: its newest checkpoint) and write one "
+                    "JSON document per checkpoint (default: eval_step_NNNNNNN.json next to it).",
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN")
+    p.add_argument("--dataset", help="prepared dataset folder (default: the run's data.path)")
+    p.add_argument("--tokens", type=int, help="tokens per loss metric (default: the run's train.eval_tokens)")
+    p.add_argument("--json", metavar="OUT", help="where to write the JSON document (a folder with --all)")
+    p.add_argument("--metrics", help=f"comma-separated subset of {','.join(ALL_METRICS)} (default: all)")
+    p.add_argument("--all", action="store_true", help="evaluate every checkpoint of the run folder")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--config", help="config to load the checkpoint with (default: the one saved with it)")
+    p.set_defaults(func=cmd_eval)
+
+    p = subparsers.add_parser(
+        "export", help="export a checkpoint to a Hugging Face model folder (needs transformers)",
+        description="Write config.json, model.safetensors and the tokenizer so that "
+                    "AutoModelForCausalLM/AutoTokenizer.from_pretrained(OUT_DIR) load offline.",
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN")
+    p.add_argument("--hf", required=True, metavar="OUT_DIR", help="output folder")
+    p.add_argument("--dataset", help="dataset folder whose tokenizer to export (default: the run's data.path)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weight precision (default fp32)")
+    p.add_argument("--config", help="config to load the checkpoint with (default: the one saved with it)")
+    p.set_defaults(func=cmd_export)

@@ -1,0 +1,133 @@
+"""Induction, copying and in-context-learning scores on a GPT whose weights are set by hand.
+
+The model is a previous-token head (layer 0, head 0) feeding an induction head (layer 1, head 0), the
+circuit of Olsson et al. The residual stream holds three one-hot blocks: [token | position | previous
+token]. Every other head attends uniformly and writes nothing; the MLPs are zero.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fasttrain.eval.copying import copy_sequences, copying_losses, random_passages
+from fasttrain.eval.induction import (icl_positions, prefix_matching_scores, prefix_matching_sequences,
+                                      prefix_matching_targets, token_pool)
+from fasttrain.model import GPT
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+V, T = 64, 128  # vocabulary (token 0 is the start token), context
+SHARP = 30.0  # attention logit of a match: softmax is one-hot to ~1e-12
+
+
+def layer_norm_to_scale(ln, ones: int, d: int):
+    """Set a LayerNorm so that, on a 0/1 vector with `ones` ones, it returns x / std (the mean removed by
+    the bias). Returns that std."""
+    m = ones / d
+    s = math.sqrt(m * (1 - m) + ln.eps)
+    ln.weight.fill_(1.0)
+    ln.bias.fill_(m / s)
+    return s
+
+
+@torch.no_grad()
+def induction_model(copy_gain: float = 10.0) -> GPT:
+    d = 2 * V + T
+    model = GPT(n_layer=2, d_model=d, n_head=2, vocab_size=V, context_length=T)
+    for p in model.parameters():
+        p.zero_()
+    hd = d // 2
+    tok, pos, prev = 0, V, V + T  # offsets of the three blocks
+    model.wte.weight[:, tok:tok + V] = torch.eye(V)
+    model.wpe.weight[:, pos:pos + T] = torch.eye(T)
+    scale = SHARP * math.sqrt(hd)
+
+    # Layer 0, head 0: query of position i = one-hot(i - 1), key of position j = one-hot(j), value = token.
+    s0 = layer_norm_to_scale(model.blocks[0].ln_1, 2, d)
+    attn = model.blocks[0].attn
+    q, k, v = attn.c_attn.weight[:d], attn.c_attn.weight[d:2 * d], attn.c_attn.weight[2 * d:]
+    for p in range(1, T):
+        q[p - 1, pos + p] = scale * s0
+    for p in range(T):
+        k[p, pos + p] = s0
+    for t in range(V):
+        v[t, tok + t] = s0
+        attn.c_proj.weight[prev + t, t] = 1.0  # writes the previous token into its block
+
+    # Layer 1, head 0: query = current token, key = previous token, value = token (copied, amplified).
+    s1 = layer_norm_to_scale(model.blocks[1].ln_1, 3, d)
+    attn = model.blocks[1].attn
+    q, k, v = attn.c_attn.weight[:d], attn.c_attn.weight[d:2 * d], attn.c_attn.weight[2 * d:]
+    for t in range(V):
+        q[t, tok + t] = scale * s1
+        k[t, prev + t] = s1
+        v[t, tok + t] = s1
+        attn.c_proj.weight[tok + t, t] = copy_gain
+    model.ln_f.weight.fill_(5.0)
+    assert hd >= max(T, V)
+    return model.to(DEVICE).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return induction_model()
+
+
+def test_previous_token_head_is_exact(model):
+    idx = torch.randint(1, V, (2, 40), device=DEVICE)
+    _, probs = model.attention_probs(idx)
+    diag = torch.diagonal(probs[0][:, 0], offset=-1, dim1=-2, dim2=-1)  # attention i -> i - 1
+    assert diag.min() > 0.999
+
+
+def test_induction_head_scores_one_and_others_low(model):
+    pool = np.arange(1, V)
+    scores = prefix_matching_scores(model, pool, start_id=0, n_sequences=10, seed=0)
+    assert scores.shape == (2, 2)
+    assert scores[1, 0] > 0.99
+    others = np.delete(scores.ravel(), 2)
+    assert others.max() < 0.1, scores
+    # Same seed, same scores; the sequences are start + 25 distinct tokens x 4.
+    assert np.array_equal(scores, prefix_matching_scores(model, pool, start_id=0, n_sequences=10, seed=0))
+    seqs = prefix_matching_sequences(pool, 0, n_sequences=3, seed=1)
+    assert seqs.shape == (3, 101) and (seqs[:, 0] == 0).all()
+    assert all(len(set(row[1:26])) == 25 and (row[1:26] == row[26:51]).all() for row in seqs)
+
+
+def test_prefix_matching_targets_point_after_earlier_occurrences():
+    mask = prefix_matching_targets(n_random=3, repeats=3)  # [s, a b c, a b c, a b c]
+    assert mask.shape == (10, 10)
+    assert mask[:4].sum() == 0  # the first repeat has nothing to match
+    assert mask[4].nonzero().ravel().tolist() == [2]  # 2nd 'a' -> the 'b' after the 1st 'a'
+    assert mask[6].nonzero().ravel().tolist() == [4]  # 2nd 'c' -> the 'a' that followed the 1st 'c'
+    assert mask[8].nonzero().ravel().tolist() == [3, 6]  # 3rd 'b' -> both earlier 'c's
+
+
+def test_perfect_copier_has_near_zero_second_occurrence_loss(model):
+    passages = random_passages(np.arange(1, V), length=40, n=6, seed=0)
+    assert all(len(set(p)) == 40 for p in passages)  # distinct: each successor unambiguous
+    first, second, third = copying_losses(model, passages, start_id=0, copies=3, batch_size=4)
+    assert second < 0.01 and third < 0.01
+    assert first > 2.0
+    seq = copy_sequences(passages[:1], 0, copies=2)
+    assert seq.shape == (1, 81) and (seq[0, 1:41] == seq[0, 41:]).all()
+
+
+def test_context_too_short_is_a_clear_error(model):
+    with pytest.raises(ValueError, match="context"):
+        prefix_matching_scores(model, np.arange(1, V), start_id=0, n_random=25, repeats=6)
+    with pytest.raises(ValueError, match="beyond the context"):
+        icl_positions(128, (50, 500))
+    assert icl_positions(2048) == (50, 500)
+    assert icl_positions(256) == (50, 256)
+    assert icl_positions(32) == (3, 32)
+
+
+def test_token_pool_drops_most_and_least_common():
+    counts = np.arange(200)[::-1].copy()  # token 0 most common
+    pool = token_pool(200, {7}, counts, min_size=25)
+    assert 0 not in pool and 1 not in pool  # the most common 1% (2 of 199)
+    assert 199 not in pool and 150 not in pool  # the least common half
+    assert 7 not in pool and pool.size == 97
+    fallback = token_pool(200, {0}, None)
+    assert fallback.min() >= 50 and fallback.max() < 150

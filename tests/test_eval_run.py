@@ -1,0 +1,220 @@
+"""Evaluations on a tiny prepared dataset: test loss against an independent computation, memorization,
+checkpoint loading and its errors, and the `eval` command."""
+import argparse
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fasttrain.config import config_from_dict
+from fasttrain.data import MissingSplitError, open_dataset, prepare_dataset
+from fasttrain.eval.cli import register
+from fasttrain.eval.loss import heldout_loss
+from fasttrain.eval.memorization import seen_unique_positions, training_schedule
+from fasttrain.eval.run import CheckpointError, evaluate, load_checkpoint, load_model
+from fasttrain.model import GPT
+from fasttrain.train.checkpoint import save_checkpoint
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def documents(n=150, seed=0):
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 6))) for _ in range(150)]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(30, 90))) + "." for _ in range(n)]
+
+
+def make_config(data_path, **model):
+    return config_from_dict({
+        "model": {"n_layer": 2, "d_model": 32, "n_head": 2, "context_length": 128, **model},
+        "data": {"path": data_path, "repeated_fraction": 0.25, "repeat_count": 4},
+        "optim": {"warmup_steps": 1},
+        "train": {"steps": 10, "global_batch": 4, "eval_tokens": 512, "precision": "fp32"},
+    })
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    data = str(root / "data")
+    prepare_dataset(data, documents(), vocab_size=300, test_fraction=0.2, seed=0, progress=False)
+    dataset = open_dataset(data)
+    cfg = make_config(data)
+    torch.manual_seed(0)
+    model = GPT.from_config(cfg.model, dataset.vocab_size).to(DEVICE).eval()
+    run = str(root / "run")
+    os.makedirs(run)
+    cfg.save(os.path.join(run, "config.yaml"))
+    for step in (5, 10):
+        save_checkpoint(run, step, {"model": model.state_dict(), "optimizer": {}, "step": step, "rng": {},
+                                    "config": cfg.to_dict(), "vocab_size": dataset.vocab_size}, keep=True)
+    return {"root": root, "data": data, "dataset": dataset, "cfg": cfg, "model": model, "run": run}
+
+
+def independent_loss(model, dataset, window_ids, seq_len):
+    tokens = np.asarray(dataset.test.tokens).astype(np.int64)
+    nats, count, n_bytes = 0.0, 0, 0
+    for w in window_ids:
+        window = torch.from_numpy(tokens[w * (seq_len + 1):(w + 1) * (seq_len + 1)]).to(DEVICE)
+        logits = model(window[None, :-1])[0].float()
+        nats += -F.log_softmax(logits, dim=-1).gather(1, window[1:, None]).sum().item()
+        count += seq_len
+        n_bytes += len(dataset.tokenizer.decode(window[1:].tolist()).encode("utf-8"))
+    return nats / count, nats / np.log(2) / n_bytes, count
+
+
+def test_test_loss_equals_independent_computation(setup):
+    model, dataset = setup["model"], setup["dataset"]
+    n_windows = len(dataset.test.tokens) // 129
+    everything = heldout_loss(model, dataset, 128, max_tokens=10**9, batch_size=7, device=DEVICE)
+    loss, bpb, count = independent_loss(model, dataset, range(n_windows), 128)
+    assert everything["test_tokens"] == count == n_windows * 128
+    assert everything["test_loss"] == pytest.approx(loss, rel=1e-5)
+    assert everything["test_bits_per_byte"] == pytest.approx(bpb, rel=1e-5)
+    # A budget of 3 windows: the first, the middle and the last one of the split.
+    few = heldout_loss(model, dataset, 128, max_tokens=3 * 128, batch_size=2, device=DEVICE)
+    loss, bpb, count = independent_loss(model, dataset, [0, (n_windows - 1 + 1) // 2, n_windows - 1], 128)
+    assert few["test_tokens"] == count and few["test_loss"] == pytest.approx(loss, rel=1e-5)
+    assert few["test_bits_per_byte"] == pytest.approx(bpb, rel=1e-5)
+
+
+def test_evaluate_reports_every_metric_deterministically(setup):
+    model, dataset, cfg = setup["model"], setup["dataset"], setup["cfg"]
+    first = evaluate(model, dataset, cfg, tokens=512, step=5)
+    second = evaluate(model, dataset, cfg, tokens=512, step=5)
+    first.pop("eval_seconds"), second.pop("eval_seconds")
+    assert first == second
+    assert "skipped" not in first
+    assert first["test_tokens"] == 512 and 4.5 < first["test_loss"] < 7.0  # ~ln(300) at init
+    assert first["copy_length"] == 63 and first["icl_positions"] == [50, 128]
+    assert np.array(first["induction_scores"]).shape == (2, 2)
+    assert first["induction_score_max"] == max(first["induction_score_per_layer"])
+    # Repeated windows seen by step 5 (20 of 40 sequences), counted independently from the schedule.
+    schedule = training_schedule(dataset, cfg)
+    seen = schedule.window_ids(np.arange(20))
+    expected = np.mean([(seen == w).sum() for w in schedule.repeated_window_ids()])
+    assert first["repeated_times_seen"] == pytest.approx(expected)
+    assert evaluate(model, dataset, cfg, metrics="repeated", tokens=512)["repeated_times_seen"] == 4.0
+    at_start = evaluate(model, dataset, cfg, metrics=None, tokens=128, step=0)
+    assert "seen_unique_loss" not in at_start and "seen" in at_start["skipped"]
+
+
+def test_seen_unique_positions_are_trained_unique_and_spread(setup):
+    schedule = training_schedule(setup["dataset"], setup["cfg"])
+    positions = seen_unique_positions(schedule, trained_sequences=24, n=6)
+    assert len(positions) == 6 and len(set(positions.tolist())) == 6
+    assert positions.max() < 24
+    _, repeated, _ = schedule.lookup(positions)
+    assert not repeated.any()
+    assert len(seen_unique_positions(schedule, 24, n=1000)) == 24 - (schedule.window_ids(np.arange(24))[:, None]
+                                                                     == schedule.repeated_window_ids()).any(1).sum()
+
+
+def test_repeated_loss_shows_memorization(setup):
+    """After fitting the repeated windows only, their loss falls far below the loss of unseen data."""
+    dataset, cfg = setup["dataset"], setup["cfg"]
+    schedule = training_schedule(dataset, cfg)
+    from fasttrain.eval.common import read_windows
+
+    windows = torch.from_numpy(read_windows(dataset, "train", schedule.repeated_window_ids(), 128)).to(DEVICE)
+    torch.manual_seed(1)
+    model = GPT.from_config(cfg.model, dataset.vocab_size).to(DEVICE)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    for _ in range(80):
+        loss = model(windows[:, :-1], windows[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    r = evaluate(model, dataset, cfg, metrics="test,repeated,seen", tokens=512)
+    assert r["repeated_loss"] < 0.5 * r["seen_unique_loss"]
+    assert r["repeated_loss"] < 0.5 * r["test_loss"]
+
+
+def test_load_model_from_run_folder_and_file(setup):
+    model, cfg = load_model(setup["run"])
+    assert cfg.to_dict() == setup["cfg"].to_dict()
+    loaded = load_checkpoint(setup["run"])
+    assert loaded.step == 10 and loaded.path.endswith("step_0000010.pt")
+    x = torch.randint(0, 300, (2, 50))
+    with torch.no_grad():
+        assert torch.equal(model(x), setup["model"].cpu()(x))
+    setup["model"].to(DEVICE)
+    assert load_checkpoint(os.path.join(setup["run"], "checkpoints", "step_0000005.pt")).step == 5
+
+
+def test_raw_and_wrapped_state_dicts_and_a_damaged_newest_checkpoint(setup, tmp_path):
+    state = {"module." + k: v for k, v in setup["model"].state_dict().items()}  # as a DeepSpeed engine names them
+    torch.save(state, tmp_path / "raw.pt")
+    with pytest.raises(CheckpointError, match="holds no config"):
+        load_model(str(tmp_path / "raw.pt"))
+    loaded = load_checkpoint(str(tmp_path / "raw.pt"), config=setup["run"])
+    assert loaded.step is None and next(loaded.model.parameters()).requires_grad
+    run = tmp_path / "run"
+    shutil.copytree(setup["run"], run)
+    (run / "checkpoints" / "step_0000010.pt").write_bytes(b"cut short")
+    assert load_checkpoint(str(run)).step == 5  # the newest readable one
+
+
+def test_bad_checkpoints_are_clear_errors(setup, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        load_model(str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="holds no checkpoints"):
+        load_model(str(tmp_path))
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read the checkpoint"):
+        load_model(str(broken))
+    other = make_config(setup["data"], d_model=48, n_head=3)  # another config: shapes differ
+    with pytest.raises(CheckpointError, match="trained with model.d_model=32"):
+        load_checkpoint(setup["run"], config=other)
+    # A checkpoint whose embedded config is another model's: the shapes name the problem.
+    ckpt = torch.load(os.path.join(setup["run"], "checkpoints", "step_0000010.pt"), weights_only=False)
+    ckpt["config"] = other.to_dict()
+    torch.save(ckpt, tmp_path / "mixed.pt")
+    with pytest.raises(CheckpointError, match=r"does not match the config .*d_model=48.*wte.weight has shape"):
+        load_model(str(tmp_path / "mixed.pt"))
+    with pytest.raises(CheckpointError, match="model.n_head=2"):  # same shapes, other heads
+        load_checkpoint(setup["run"], config=make_config(setup["data"], n_head=4))
+
+
+def test_bad_inputs_are_clear_errors(setup, tmp_path):
+    model, dataset, cfg = setup["model"], setup["dataset"], setup["cfg"]
+    no_test = str(tmp_path / "no_test")
+    prepare_dataset(no_test, documents(60), vocab_size=300, test_fraction=0.0, seed=0, progress=False)
+    with pytest.raises(MissingSplitError, match="'test' split"):
+        evaluate(model, open_dataset(no_test), cfg, metrics="test")
+    short_cfg = make_config(setup["data"], context_length=64)
+    short = GPT.from_config(short_cfg.model, dataset.vocab_size).to(DEVICE)
+    with pytest.raises(ValueError, match=r"trained context \(64 tokens\) is shorter"):
+        evaluate(short, dataset, short_cfg, metrics="induction")
+    assert "induction" in evaluate(short, dataset, short_cfg, metrics=None, tokens=64)["skipped"]
+    with pytest.raises(ValueError, match="beyond the context of 128"):
+        evaluate(model, dataset, cfg, metrics="icl", icl_positions=(50, 500))
+    with pytest.raises(ValueError, match="at most 63"):
+        evaluate(model, dataset, cfg, metrics="copying", copy_length=100)
+    with pytest.raises(ValueError, match="unknown metric 'tset'"):
+        evaluate(model, dataset, cfg, metrics="tset")
+
+
+def run_cli(argv):
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+def test_eval_command_writes_one_document_per_checkpoint(setup, tmp_path, capsys):
+    run_cli(["eval", setup["run"], "--tokens", "256", "--metrics", "test,copying,induction", "--device", "cpu"])
+    path = os.path.join(setup["run"], "checkpoints", "eval_step_0000010.json")
+    doc = json.load(open(path))
+    assert doc["step"] == 10 and doc["tokens_seen"] == 10 * 4 * 128
+    assert set(doc["results"]) >= {"test_loss", "copy_text_second_loss", "induction_scores"}
+    table = capsys.readouterr().out
+    assert "test loss" in table and "induction (prefix matching)" in table and path in table
+    run_cli(["eval", setup["run"], "--all", "--tokens", "128", "--metrics", "test", "--json", str(tmp_path / "out")])
+    assert sorted(os.listdir(tmp_path / "out")) == ["eval_step_0000005.json", "eval_step_0000010.json"]

@@ -1,0 +1,149 @@
+"""The plain trainer: learning, exact kill/resume, checkpoints, one-line errors for bad runs."""
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+import yaml
+
+from fasttrain.config import ConfigError, load_config
+from fasttrain.data import open_dataset, prepare_dataset
+from fasttrain.train.checkpoint import list_checkpoints
+from fasttrain.train.trainer import lr_at, train
+
+WORDS = ("the cat dog sat ran on a mat log red big small quickly slowly and then saw it was here there "
+         "who what when house tree river stone light dark old new").split()
+
+
+def _documents(n_docs=1000, seed=0):
+    """Template sentences: predictable structure, so a tiny model learns well below the unigram entropy."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        sents = []
+        for _ in range(rng.randint(3, 8)):
+            a, b, c = rng.sample(WORDS, 3)
+            sents.append(f"The {a} {b} sat on the {c}. Then the {a} ran to the {c} and saw the {b}.")
+        docs.append(" ".join(sents))
+    return docs
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    prepare_dataset(out, _documents(), vocab_size=320, test_fraction=0.05, seed=0, progress=False)
+    return str(out)
+
+
+def _cfg(dataset_dir, out_dir, **over):
+    tree = {
+        "model": {"n_layer": 2, "d_model": 32, "n_head": 2, "context_length": 64},
+        "data": {"path": dataset_dir, "seq_len": 32, "repeated_fraction": 0.1, "repeat_count": 4, "seed": 7},
+        "optim": {"lr": 3e-3, "warmup_steps": 5},
+        "train": {"steps": 30, "global_batch": 8, "micro_batch": 4, "out_dir": str(out_dir), "log_every": 1,
+                  "eval_tokens": 2048, "device": "cpu"},
+    }
+    for dotted, value in over.items():
+        section, key = dotted.split("__")
+        tree.setdefault(section, {})[key] = value
+    return tree
+
+
+def _write_cfg(tmp_path, tree):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return str(path)
+
+
+def _losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+
+def test_lr_schedule():
+    cfg = load_config(None, ["--model.preset", "100k", "--train.steps", "100", "--optim.warmup_steps", "10",
+                             "--optim.lr", "1.0", "--optim.min_lr_ratio", "0.1"])
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0) and lr_at(99, cfg) == pytest.approx(0.1, abs=1e-3)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 99))
+
+
+def test_loss_falls_below_unigram_entropy(dataset_dir, tmp_path):
+    tree = _cfg(dataset_dir, tmp_path / "run", train__steps=150, data__repeated_fraction=0.0, data__repeat_count=1,
+                optim__warmup_steps=10, optim__lr=1e-2)
+    summary = train(load_config(_write_cfg(tmp_path, tree)))
+    ds = open_dataset(dataset_dir)
+    counts = Counter(ds.train.tokens.tolist())
+    total = sum(counts.values())
+    unigram_entropy = -sum(c / total * math.log(c / total) for c in counts.values())
+    losses = _losses(str(tmp_path / "run"))
+    assert losses[-1] < 0.6 * unigram_entropy, (losses[-1], unigram_entropy)
+    assert summary["test_loss"] < 0.7 * unigram_entropy
+    assert os.path.exists(tmp_path / "run" / "final.json") and os.path.exists(tmp_path / "run" / "config.yaml")
+
+
+def test_micro_batching_does_not_change_the_result(dataset_dir, tmp_path):
+    a = train(load_config(_write_cfg(tmp_path, _cfg(dataset_dir, tmp_path / "a", train__steps=6, train__micro_batch=8))))
+    b = train(load_config(_write_cfg(tmp_path, _cfg(dataset_dir, tmp_path / "b", train__steps=6, train__micro_batch=2))))
+    assert _losses(str(tmp_path / "a")) == pytest.approx(_losses(str(tmp_path / "b")), rel=1e-5)
+    assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)
+
+
+def _run_cli(args, **kw):
+    return subprocess.run([sys.executable, "-m", "fasttrain.cli", *args], capture_output=True, text=True, **kw)
+
+
+def test_killed_run_resumes_to_identical_losses(dataset_dir, tmp_path):
+    straight = tmp_path / "straight"
+    cfg_path = _write_cfg(tmp_path, _cfg(dataset_dir, straight, train__checkpoint_every=4))
+    assert _run_cli(["train", "--config", cfg_path], timeout=300).returncode == 0
+    expected = _losses(str(straight))
+    assert len(expected) == 30
+
+    killed = tmp_path / "killed"
+    cfg_path = _write_cfg(tmp_path, _cfg(dataset_dir, killed, train__checkpoint_every=4))
+    proc = subprocess.Popen([sys.executable, "-m", "fasttrain.cli", "train", "--config", cfg_path],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not any(s >= 8 for s, _ in list_checkpoints(str(killed))):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before_kill = max(s for s, _ in list_checkpoints(str(killed)))
+    assert 8 <= done_before_kill < 30, "the run finished before it could be killed"
+
+    again = _run_cli(["train", "--config", cfg_path], timeout=300)
+    assert again.returncode == 2 and "--resume" in again.stderr  # never silently restarts over a run
+    resumed = _run_cli(["train", "--config", cfg_path, "--resume"], timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _losses(str(killed)) == expected  # bit-identical on the CPU
+    assert [s for s, _ in list_checkpoints(str(killed))] == [30]  # only the latest is kept by default
+
+
+def test_resume_with_a_different_config_is_refused(dataset_dir, tmp_path):
+    tree = _cfg(dataset_dir, tmp_path / "run", train__steps=8)
+    train(load_config(_write_cfg(tmp_path, tree)))
+    tree["optim"]["lr"] = 1e-4
+    with pytest.raises(ConfigError, match="optim.lr"):
+        train(load_config(_write_cfg(tmp_path, tree)), resume=True)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["--optim.warmup_steps", "100"], "optim.warmup_steps"),
+    (["--data.path", "/nonexistent/dataset"], "/nonexistent/dataset"),
+    (["--train.steps", "100000"], "tokens"),  # more than the tiny corpus holds
+    (["--model.n_head", "3"], "model.d_model"),
+])
+def test_bad_runs_fail_with_one_line(dataset_dir, tmp_path, overrides, expected):
+    cfg_path = _write_cfg(tmp_path, _cfg(dataset_dir, tmp_path / "run"))
+    res = _run_cli(["train", "--config", cfg_path, *overrides], timeout=120)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], res.stderr
+    assert not list_checkpoints(str(tmp_path / "run"))
