@@ -1,0 +1,221 @@
+"""Fused language-model head + cross-entropy: loss(hidden @ weight.T + bias, targets) without ever holding
+the full (tokens x vocab) logits.
+
+The tokens are processed in chunks. For each chunk:
+  1. logits = h_chunk @ W.T (+ bias), a cuBLAS matmul in the input dtype, into one reused buffer;
+  2. the Triton cross-entropy kernel (cross_entropy.py) reads each row twice (logsumexp, then softmax)
+     and writes d loss / d logits over the logits in place (fp32 math, stored in the input dtype);
+  3. grad_h_chunk = dlogits @ W and grad_W += dlogits.T @ h_chunk (fp32 accumulator), grad_b += sum.
+So the gradients are finished during the forward pass and the backward pass only scales them by the
+upstream gradient. Extra memory: one chunk of logits plus the gradients themselves.
+
+reduction="none" takes an arbitrary per-token upstream gradient, which is unknown during the forward:
+there the forward computes the losses only and the backward recomputes each chunk's logits with the
+upstream gradient folded into the kernel (one extra matmul of the forward's size).
+"""
+import torch
+
+from .cross_entropy import REDUCTIONS, check_targets, launch_cross_entropy, reduce_losses
+
+# 4096 tokens per chunk: the grad_W matmul (K = chunk) runs near cuBLAS's peak and the fp32 accumulator is
+# read and written N / 4096 times (measured on an H100: 2048-token chunks cost ~5% more time at d = 2048).
+# Very large vocabularies get fewer tokens so one chunk of logits stays within CHUNK_LOGITS elements.
+CHUNK_TOKENS = 4096
+CHUNK_LOGITS = 2**28
+
+
+def default_chunk_size(n_tokens, vocab_size):
+    rows = min(CHUNK_TOKENS, max(CHUNK_LOGITS // vocab_size // 256 * 256, 256))
+    return max(1, min(rows, n_tokens))
+
+
+_FP32_OUT_MATMUL = {}
+
+
+def _has_fp32_out_matmul(device, dtype):
+    """Whether torch.addmm(..., out_dtype=torch.float32) accumulates low-precision products in fp32 here."""
+    key = (device.type, dtype)
+    if key not in _FP32_OUT_MATMUL:
+        try:
+            a = torch.ones(2, 2, device=device, dtype=dtype)
+            acc = torch.ones(2, 2, device=device, dtype=torch.float32)
+            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+            _FP32_OUT_MATMUL[key] = bool((acc == 3).all())
+        except (RuntimeError, TypeError, NotImplementedError):
+            _FP32_OUT_MATMUL[key] = False
+    return _FP32_OUT_MATMUL[key]
+
+
+def _accumulate_matmul(acc, a, b, first):
+    """acc (fp32) = a @ b when first, else acc += a @ b."""
+    if a.dtype == torch.float32:
+        torch.mm(a, b, out=acc) if first else acc.addmm_(a, b)
+    elif _has_fp32_out_matmul(a.device, a.dtype):
+        if first:
+            torch.mm(a, b, out_dtype=torch.float32, out=acc)
+        else:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:  # product rounded to the input dtype once, then summed in fp32
+        acc.copy_(a @ b) if first else acc.add_(a @ b)
+
+
+def _chunked_pass(hidden, weight, bias, targets, ignore_index, z_loss, chunk_size, needs, losses, lse, grad_scale):
+    """Loop over token chunks. Forward (losses given): computes losses and lse, and the unscaled gradients
+    when any of needs = (hidden, weight, bias) is set. Backward (losses None): reads lse and writes the
+    gradients times the per-row grad_scale. Returns (grad_hidden, grad_weight fp32, grad_bias fp32)."""
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    need_h, need_w, need_b = needs
+    any_grad = need_h or need_w or need_b
+    grad_hidden = torch.empty_like(hidden) if need_h else None
+    grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    grad_bias = torch.empty(vocab, dtype=torch.float32, device=weight.device) if need_b else None
+    if n_tokens == 0:
+        return (grad_hidden, grad_weight.zero_() if need_w else None, grad_bias.zero_() if need_b else None)
+
+    logits_buffer = hidden.new_empty(min(chunk_size, n_tokens), vocab)
+    for start in range(0, n_tokens, chunk_size):
+        end = min(start + chunk_size, n_tokens)
+        h = hidden[start:end]
+        logits = logits_buffer[: end - start]
+        if bias is None:
+            torch.mm(h, weight.t(), out=logits)
+        else:
+            torch.addmm(bias, h, weight.t(), out=logits)
+        launch_cross_entropy(
+            logits,
+            targets[start:end],
+            ignore_index,
+            z_loss,
+            losses=None if losses is None else losses[start:end],
+            lse=lse[start:end],
+            grad=logits if any_grad else None,
+            grad_scale=None if grad_scale is None else grad_scale[start:end] if grad_scale.numel() > 1 else grad_scale,
+        )
+        if not any_grad:
+            continue
+        dlogits, first = logits, start == 0
+        if need_h:
+            torch.mm(dlogits, weight, out=grad_hidden[start:end])
+        if need_w:
+            _accumulate_matmul(grad_weight, dlogits.t(), h, first)
+        if need_b:
+            chunk_sum = dlogits.sum(0, dtype=torch.float32)
+            grad_bias.copy_(chunk_sum) if first else grad_bias.add_(chunk_sum)
+    return grad_hidden, grad_weight, grad_bias
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ignore_index, reduction, z_loss, chunk_size, grad_enabled):
+        # needs_input_grad ignores torch.no_grad(): the caller's grad mode decides whether to build grads.
+        needs = tuple(bool(n and grad_enabled) for n in ctx.needs_input_grad[:3])
+        valid, n_valid = check_targets(targets, weight.shape[0], ignore_index)
+        losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(losses)
+        fused = reduction != "none"  # gradients finished now; "none" waits for the per-token grads
+        grads = _chunked_pass(
+            hidden, weight, bias, targets, ignore_index, z_loss, chunk_size,
+            needs if fused else (False, False, False), losses, lse, None,
+        )
+        loss, z_term = reduce_losses(losses, lse, valid, n_valid, reduction, z_loss)
+        ctx.reduction, ctx.needs = reduction, needs
+        if fused:
+            grad_hidden, grad_weight, grad_bias = grads
+            # 1/n folded in before grad_weight leaves fp32: a sum over many tokens can overflow fp16.
+            inv_count = torch.ones((), dtype=torch.float32, device=hidden.device)
+            if reduction == "mean":
+                inv_count = inv_count / n_valid.clamp_min(1)  # 0-dim: keeps the grads' dtype when scaling
+            if grad_weight is not None:
+                grad_weight = grad_weight.mul_(inv_count).to(weight.dtype)
+            if grad_bias is not None:
+                grad_bias = grad_bias.mul_(inv_count).to(bias.dtype)
+            ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, inv_count)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, targets, lse)
+            ctx.ignore_index, ctx.z_loss, ctx.chunk_size = ignore_index, z_loss, chunk_size
+        ctx.mark_non_differentiable(z_term)
+        return loss, z_term
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_z_term):
+        if ctx.reduction != "none":
+            grad_hidden, grad_weight, grad_bias, inv_count = ctx.saved_tensors
+            grad_loss = grad_loss.to(torch.float32)
+            if grad_hidden is not None:
+                grad_hidden = grad_hidden * (grad_loss * inv_count)
+            if grad_weight is not None:
+                grad_weight = grad_weight * grad_loss
+            if grad_bias is not None:
+                grad_bias = grad_bias * grad_loss
+        else:
+            hidden, weight, bias, targets, lse = ctx.saved_tensors
+            grad_hidden, grad_weight, grad_bias = _chunked_pass(
+                hidden, weight, bias, targets, ctx.ignore_index, ctx.z_loss, ctx.chunk_size,
+                ctx.needs, None, lse, grad_loss.to(torch.float32),
+            )
+            if grad_weight is not None:
+                grad_weight = grad_weight.to(weight.dtype)
+            if grad_bias is not None:
+                grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+# Run eagerly under torch.compile: the target check syncs with the host and Dynamo cannot trace the
+# Triton interpreter; the graph breaks here and the loss and gradients stay exact.
+@torch.compiler.disable
+def linear_cross_entropy(
+    hidden,
+    weight,
+    targets,
+    bias=None,
+    ignore_index=-100,
+    reduction="mean",
+    z_loss=0.0,
+    return_z_loss=False,
+    chunk_size=None,
+):
+    """Cross-entropy of hidden @ weight.T + bias against targets, computed in chunks of tokens.
+
+    hidden (N, d) or (..., d); weight (V, d); bias (V,) or None; targets (N,) or (...) class indices.
+    Equals torch.nn.functional.cross_entropy((hidden @ weight.T + bias).float(), targets,
+    ignore_index=ignore_index, reduction=reduction) (matmul in the input dtype, softmax in fp32), plus
+    z_loss * lse^2 per valid token reduced the same way when z_loss > 0.
+
+    reduction: "mean" (over tokens whose target is not ignore_index; 0 when all are ignored), "sum" or
+    "none" (fp32 per-token losses, 0 at ignored tokens; its backward recomputes the logits).
+    return_z_loss: also return the z-loss term alone (already included in the loss; for logging, not
+    differentiable).
+    chunk_size: tokens per chunk; by default 4096 (fewer when V > 64k). Peak extra memory ~ chunk_size x V.
+    Under autocast, hidden, weight and bias are cast to the autocast dtype first. The loss is fp32.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden (..., d) and weight (V, d) must share d, got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"targets must have hidden's leading shape {tuple(hidden.shape[:-1])}, got {tuple(targets.shape)}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        raise ValueError(
+            f"hidden, weight and bias must share one dtype (or run under autocast), got {hidden.dtype}, "
+            f"{weight.dtype}" + ("" if bias is None else f", {bias.dtype}")
+        )
+    out_shape = targets.shape
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1).contiguous()
+    chunk_size = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0])
+    with torch.autocast(device_type, enabled=False):
+        loss, z_term = LinearCrossEntropyFunction.apply(
+            hidden, weight, bias, targets, ignore_index, reduction, float(z_loss), chunk_size, torch.is_grad_enabled()
+        )
+    if reduction == "none":
+        loss, z_term = loss.reshape(out_shape), z_term.reshape(out_shape)
+    return (loss, z_term) if return_z_loss else loss
