@@ -43,6 +43,11 @@ def cmd_train(args, overrides) -> None:
         from fasttrain.train.distributed import train_distributed
 
         summary = train_distributed(cfg, resume=args.resume)
+        if torch.distributed.is_initialized():
+            rank = torch.distributed.get_rank()
+            torch.distributed.destroy_process_group()
+            if rank != 0:
+                return
     else:
         summary = train(cfg, resume=args.resume)
     print(json.dumps(summary))
@@ -61,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fasttrain",
         description="Train families of GPT models on data with exactly controlled repetition.",
     )
+    # The deepspeed launcher passes --local_rank before the command; the rank is read from the environment.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train one model (config file plus --section.key value overrides)")
