@@ -26,7 +26,7 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "transformers>=4.40"],
         "flash": ["flash-attn>=2.6"],
         "hf": ["transformers>=4.40"],
     },
