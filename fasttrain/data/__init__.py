@@ -18,7 +18,7 @@ from .dataset import (
 )
 from .indexed import IndexedDataset, IndexedDatasetError, IndexedDatasetWriter, token_dtype_for_vocab
 from .prepare import EOT_TOKEN, prepare_dataset
-from .sampler import TrainingStream
+from .sampler import TrainingStream, open_training_stream
 from .schedule import FeistelPermutation, RepetitionSchedule, ScheduleError
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "iter_windows",
     "num_windows",
     "open_dataset",
+    "open_training_stream",
     "prepare_dataset",
     "read_windows",
     "show_batch",

@@ -8,6 +8,7 @@ import os
 import sys
 
 from .prepare import DEFAULT_TOKENIZER_SAMPLE_CHARS
+from .sampler import open_training_stream
 
 
 def register(subparsers):
@@ -106,34 +107,11 @@ def _load(target, overrides, load_config):
     return load_config(config_path(target), list(overrides or []))
 
 
-def stream_from_config(cfg, verify=True):
-    """The dataset and TrainingStream a config describes (attribute access only: cfg.data.*, cfg.train.*)."""
-    from .dataset import open_dataset
-    from .sampler import TrainingStream
-
-    data = cfg.data
-    seq_len = getattr(data, "seq_len", None) or cfg.model.context_length
-    if not data.path:
-        raise ValueError("data.path is not set: prepare a dataset with `fasttrain prepare` and point data.path to it")
-    dataset = open_dataset(data.path, verify=verify)
-    stream = TrainingStream(
-        dataset,
-        seq_len=seq_len,
-        num_sequences=cfg.train.steps * cfg.train.global_batch,
-        repeated_fraction=data.repeated_fraction,
-        repeat_count=data.repeat_count,
-        placement=data.placement,
-        seed=data.seed,
-        pin_memory=False,
-    )
-    return dataset, stream
-
-
 def run_audit(args, overrides=(), load_config=None):
     from .audit import audit_schedule, format_audit_table
 
     cfg = _load(args.target, overrides, load_config)
-    _, stream = stream_from_config(cfg)
+    _, stream = open_training_stream(cfg, pin_memory=False)
     result = audit_schedule(stream, progress=not args.json and sys.stderr.isatty())
     if args.json:
         print(json.dumps(result, indent=1))
@@ -148,7 +126,7 @@ def run_show_batch(args, overrides=(), load_config=None):
     from .audit import format_batch_table, show_batch
 
     cfg = _load(args.target, overrides, load_config)
-    _, stream = stream_from_config(cfg, verify=False)
+    _, stream = open_training_stream(cfg, verify=False, pin_memory=False)
     result = show_batch(stream, args.step, cfg.train.global_batch)
     if args.json:
         print(json.dumps(result, indent=1))

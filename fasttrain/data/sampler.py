@@ -53,6 +53,20 @@ class TrainingStream:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.lookup_block = 1 << 15  # sequences whose windows iter_batches looks up in one go
 
+    @classmethod
+    def from_config(cls, dataset, cfg, pin_memory=None):
+        """The stream a run config describes: cfg.data.*, over cfg.train.steps global batches."""
+        return cls(
+            dataset,
+            seq_len=cfg.data.seq_len or cfg.model.context_length,
+            num_sequences=cfg.train.steps * cfg.train.global_batch,
+            repeated_fraction=cfg.data.repeated_fraction,
+            repeat_count=cfg.data.repeat_count,
+            placement=cfg.data.placement,
+            seed=cfg.data.seed,
+            pin_memory=pin_memory,
+        )
+
     @property
     def num_sequences(self):
         return self.schedule.num_sequences
@@ -180,3 +194,15 @@ class TrainingStream:
 
     def __repr__(self):
         return f"TrainingStream(seq_len={self.seq_len}, {self.schedule!r})"
+
+
+def open_training_stream(cfg, verify=True, pin_memory=None):
+    """(dataset, stream) for a run config: opens (and verifies) cfg.data.path, builds the schedule."""
+    from fasttrain.config import ConfigError
+
+    from .dataset import open_dataset
+
+    if not cfg.data.path:
+        raise ConfigError("data.path: not set (prepare a dataset with `fasttrain prepare` and point data.path to it)")
+    dataset = open_dataset(cfg.data.path, verify=verify)
+    return dataset, TrainingStream.from_config(dataset, cfg, pin_memory=pin_memory)

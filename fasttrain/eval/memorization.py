@@ -27,20 +27,9 @@ from fasttrain.eval.loss import windows_loss
 
 def training_schedule(dataset, cfg):
     """The RepetitionSchedule the trainer used for this config and dataset."""
-    from fasttrain.config import seq_len
     from fasttrain.data.sampler import TrainingStream
 
-    stream = TrainingStream(
-        dataset,
-        seq_len=seq_len(cfg),
-        num_sequences=cfg.train.steps * cfg.train.global_batch,
-        repeated_fraction=cfg.data.repeated_fraction,
-        repeat_count=cfg.data.repeat_count,
-        placement=cfg.data.placement,
-        seed=cfg.data.seed,
-        pin_memory=False,
-    )
-    return stream.schedule
+    return TrainingStream.from_config(dataset, cfg, pin_memory=False).schedule
 
 
 def repeated_subset_loss(model, dataset, schedule, seq_len: int, max_tokens: int, batch_size: int,

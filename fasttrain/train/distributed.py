@@ -47,7 +47,7 @@ import torch
 from fasttrain.config import Config, ConfigError, config_from_dict, seq_len
 from fasttrain.train.checkpoint import checkpoint_path, list_checkpoints
 from fasttrain.train.device import autocast_dtype, peak_flops
-from fasttrain.train.metrics import MetricsLogger
+from fasttrain.train.metrics import MetricsLogger, step_record
 from fasttrain.train.trainer import (
     _check_same_config,
     _is_checkpoint_step,
@@ -393,14 +393,8 @@ def train_distributed(cfg: Config, resume: bool = False) -> dict:
                 raise FloatingPointError(f"loss is {loss_value} at step {done}: lower optim.lr or check the data")
             if grad_norm is None:
                 grad_norm = engine.get_global_grad_norm()
-            elapsed = time.time() - tick
-            tok_s = (done - tick_step) * t.global_batch * T / max(elapsed, 1e-9)
-            record_step = {"step": done, "tokens": done * t.global_batch * T, "loss": loss_value, "lr": lr,
-                           "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                           "tokens_per_s": tok_s}
-            if peak:
-                record_step["mfu"] = flops_per_step * (done - tick_step) / max(elapsed, 1e-9) / (peak * world)
-            logger.log(record_step)
+            logger.log(step_record(done, t.global_batch * T, loss_value, lr, grad_norm, done - tick_step,
+                                   time.time() - tick, flops_per_step, peak * world if peak else None))
             tick, tick_step = time.time(), done
         if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
             summary = {"step": done, **_evaluate(engine, dataset, cfg, device, micro)}

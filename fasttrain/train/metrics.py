@@ -7,6 +7,19 @@ import sys
 import time
 
 
+def step_record(step: int, tokens_per_step: int, loss: float, lr: float, grad_norm, steps_timed: int,
+                elapsed: float, flops_per_step: float, peak_flops: float | None) -> dict:
+    """The metrics line of a logged step; throughput and MFU over the steps since the last log line
+    (peak_flops: of all devices together; None where unknown, and MFU is left out)."""
+    elapsed = max(elapsed, 1e-9)
+    record = {"step": step, "tokens": step * tokens_per_step, "loss": loss, "lr": lr,
+              "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
+              "tokens_per_s": steps_timed * tokens_per_step / elapsed}
+    if peak_flops:
+        record["mfu"] = flops_per_step * steps_timed / elapsed / peak_flops
+    return record
+
+
 def truncate_metrics(path: str, after_step: int) -> None:
     """On resume, drop lines logged after the checkpoint by the interrupted run (rewritten atomically)."""
     if not os.path.exists(path):

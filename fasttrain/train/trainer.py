@@ -18,10 +18,11 @@ import time
 import torch
 
 from fasttrain.config import Config, ConfigError, config_from_dict, seq_len
+from fasttrain.data.sampler import open_training_stream
 from fasttrain.model import GPT
 from fasttrain.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
 from fasttrain.train.device import autocast, autocast_dtype, peak_flops, resolve_device
-from fasttrain.train.metrics import MetricsLogger
+from fasttrain.train.metrics import MetricsLogger, step_record
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -42,25 +43,6 @@ def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) ->
     o = cfg.optim
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=device.type == "cuda")
-
-
-def open_training_stream(cfg: Config):
-    """The prepared dataset and the repetition-schedule stream of cfg.train.steps global batches."""
-    from fasttrain.data import TrainingStream, open_dataset
-
-    if not cfg.data.path:
-        raise ConfigError("data.path: not set (prepare a dataset with `fasttrain prepare` and point data.path to it)")
-    dataset = open_dataset(cfg.data.path)
-    stream = TrainingStream(
-        dataset,
-        seq_len=seq_len(cfg),
-        num_sequences=cfg.train.steps * cfg.train.global_batch,
-        repeated_fraction=cfg.data.repeated_fraction,
-        repeat_count=cfg.data.repeat_count,
-        placement=cfg.data.placement,
-        seed=cfg.data.seed,
-    )
-    return dataset, stream
 
 
 def build_model(cfg: Config, vocab_size: int) -> GPT:
@@ -165,13 +147,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
             loss_value = (loss_sum / accum).item()  # the only host sync of a step, and only when logging
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"loss is {loss_value} at step {done}: lower optim.lr or check the data")
-            elapsed = time.time() - tick
-            tok_s = (done - tick_step) * t.global_batch * T / max(elapsed, 1e-9)
-            record = {"step": done, "tokens": done * t.global_batch * T, "loss": loss_value, "lr": lr,
-                      "grad_norm": float(grad_norm), "tokens_per_s": tok_s}
-            if peak:
-                record["mfu"] = flops_per_step * (done - tick_step) / max(elapsed, 1e-9) / peak
-            logger.log(record)
+            logger.log(step_record(done, t.global_batch * T, loss_value, lr, grad_norm, done - tick_step,
+                                   time.time() - tick, flops_per_step, peak))
             tick, tick_step = time.time(), done
         if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
             summary = {"step": done, **evaluate_during_training(model, dataset, cfg, device, amp_dtype)}
