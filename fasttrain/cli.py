@@ -38,7 +38,13 @@ def cmd_train(args, overrides) -> None:
     from fasttrain.config import load_config
     from fasttrain.train.trainer import train
 
-    cfg = load_config(args.config, overrides)
+    if args.config and len(args.config) > 1:  # several same-shape runs trained together on one device
+        from fasttrain.train.packed import train_packed
+
+        summaries = train_packed([load_config(path, overrides) for path in args.config], resume=args.resume)
+        print(json.dumps(summaries))
+        return
+    cfg = load_config(args.config[0] if args.config else None, overrides)
     if is_distributed_launch() or cfg.deepspeed.zero_stage > 0:
         from fasttrain.train.distributed import train_distributed
 
@@ -71,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train one model (config file plus --section.key value overrides)")
-    p.add_argument("--config", help="YAML or JSON config file, or a run folder")
+    p.add_argument("--config", action="append",
+                   help="YAML or JSON config file, or a run folder; give several to train same-shape runs packed "
+                        "into one model on one device")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.set_defaults(func=cmd_train, takes_overrides=True)

@@ -30,6 +30,22 @@ def _flash_attn_func():
     return flash_attn_func
 
 
+def causal_attention(q, k, v, backend: str, dropout_p: float = 0.0):
+    """q, k, v (batch, seq, heads, head_dim) -> the same shape: causal attention through the backend."""
+    if backend == "flash":
+        return _flash_attn_func()(q, k, v, dropout_p=dropout_p, causal=True)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+    if backend == "triton":
+        if dropout_p > 0:
+            raise ValueError("model.attention=triton has no attention dropout: set model.dropout=0")
+        from fasttrain.kernels import flash_attention
+
+        y = flash_attention(q, k, v, causal=True)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    return y.transpose(1, 2)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, d_model: int, n_head: int, dropout: float, backend: str):
         super().__init__()
@@ -41,27 +57,16 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, return_probs: bool = False):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).unbind(dim=2)  # each (B, T, H, D)
-        probs = None
         p = self.dropout if self.training else 0.0
         if return_probs:  # explicit softmax, for interpretability (induction-head scores)
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
             mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-            y = probs @ v
-        elif self.backend == "flash":
-            y = _flash_attn_func()(q, k, v, dropout_p=p, causal=True).transpose(1, 2)
+            y = (probs @ v).transpose(1, 2)
         else:
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-            if self.backend == "triton":
-                if p > 0:
-                    raise ValueError("model.attention=triton has no attention dropout: set model.dropout=0")
-                from fasttrain.kernels import flash_attention
-
-                y = flash_attention(q, k, v, causal=True)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        y = y.transpose(1, 2).reshape(B, T, C)
+            y = causal_attention(q, k, v, self.backend, p)
+        y = y.reshape(B, T, C)
         y = self.resid_dropout(self.c_proj(y))
         return (y, probs) if return_probs else y
 

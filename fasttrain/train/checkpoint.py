@@ -28,10 +28,15 @@ def save_checkpoint(run_dir: str, step: int, state: dict, keep: bool = False, pr
         os.fsync(f.fileno())
     os.replace(tmp, path)
     if not keep:
-        for old_step, old_path in list_checkpoints(run_dir):
-            if old_step < step and old_step not in protected:
-                os.remove(old_path)
+        prune_checkpoints(run_dir, step, protected)
     return path
+
+
+def prune_checkpoints(run_dir: str, step: int, protected: set[int] = frozenset()) -> None:
+    """Delete the checkpoints older than `step`, except the protected steps."""
+    for old_step, old_path in list_checkpoints(run_dir):
+        if old_step < step and old_step not in protected:
+            os.remove(old_path)
 
 
 def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:

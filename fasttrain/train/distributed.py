@@ -49,12 +49,12 @@ from fasttrain.train.checkpoint import checkpoint_path, list_checkpoints
 from fasttrain.train.device import autocast_dtype, peak_flops
 from fasttrain.train.metrics import MetricsLogger, step_record
 from fasttrain.train.trainer import (
-    _check_same_config,
-    _is_checkpoint_step,
-    _load_saved_config,
-    _rng_state,
-    _set_rng_state,
-    _write_json,
+    check_same_config,
+    is_checkpoint_step,
+    load_saved_config,
+    rng_state,
+    set_rng_state,
+    write_json_atomic,
     build_model,
     evaluate_during_training,
     lr_at,
@@ -227,7 +227,7 @@ def _save(engine, run_dir: str, step: int, record: dict, rank: int, protected: s
     folder = ds_checkpoint_dir(run_dir)
     tag_dir = os.path.join(folder, _tag(step))
     os.makedirs(tag_dir, exist_ok=True)
-    torch.save(_rng_state(), os.path.join(tag_dir, f"rng_rank_{rank:05d}.pt"))
+    torch.save(rng_state(), os.path.join(tag_dir, f"rng_rank_{rank:05d}.pt"))
     engine.save_checkpoint(folder, tag=_tag(step), client_state={"step": step}, save_latest=False)
     # save_checkpoint ends with a barrier: every rank's files are written.
     if rank == 0:
@@ -317,7 +317,7 @@ def train_distributed(cfg: Config, resume: bool = False) -> dict:
     start_step, found = 0, None
     if resume:
         if os.path.exists(os.path.join(run_dir, "config.yaml")):
-            _check_same_config(config_from_dict(_load_saved_config(run_dir)).to_dict(), cfg, run_dir)
+            check_same_config(config_from_dict(load_saved_config(run_dir)).to_dict(), cfg, run_dir)
         if rank == 0:
             _remove_incomplete(run_dir)
         _barrier()
@@ -350,7 +350,7 @@ def train_distributed(cfg: Config, resume: bool = False) -> dict:
         reapply_hyperparameters()
         rng_file = os.path.join(tag_dir, f"rng_rank_{rank:05d}.pt")
         if read_marker(tag_dir)["world_size"] == world and os.path.exists(rng_file):
-            _set_rng_state(torch.load(rng_file, weights_only=False))
+            set_rng_state(torch.load(rng_file, weights_only=False))
         start_step = step
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
@@ -400,7 +400,7 @@ def train_distributed(cfg: Config, resume: bool = False) -> dict:
             summary = {"step": done, **_evaluate(engine, dataset, cfg, device, micro)}
             logger.log(summary)
             engine.train()
-        if _is_checkpoint_step(done, cfg):
+        if is_checkpoint_step(done, cfg):
             _save(engine, run_dir, done, {"step": done, **record}, rank, log_spaced, t.keep_checkpoints)
             tick = time.time()  # checkpoint time is not training time
     logger.close()
@@ -413,7 +413,7 @@ def train_distributed(cfg: Config, resume: bool = False) -> dict:
         else:  # stopped between its last checkpoint and final.json
             summary = {"step": t.steps, **_evaluate(engine, dataset, cfg, device, micro)}
     if rank == 0:
-        _write_json(final_path, summary)
+        write_json_atomic(final_path, summary)
         export_path = checkpoint_path(run_dir, t.steps)
         if not os.path.exists(export_path):
             export_consolidated(os.path.join(folder, _tag(t.steps)), export_path, dtype="fp32")
@@ -505,7 +505,7 @@ def export_consolidated(source: str, out_path: str, dtype: str = "fp32", include
     if include_optimizer:
         state["optimizer"] = optimizer_state
         rng_file = os.path.join(tag_dir, "rng_rank_00000.pt")
-        state["rng"] = torch.load(rng_file, weights_only=False) if os.path.exists(rng_file) else _rng_state()
+        state["rng"] = torch.load(rng_file, weights_only=False) if os.path.exists(rng_file) else rng_state()
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tmp = out_path + ".tmp"
     with open(tmp, "wb") as f:

@@ -41,8 +41,10 @@ def truncate_metrics(path: str, after_step: int) -> None:
 
 class MetricsLogger:
     def __init__(self, run_dir: str, total_steps: int, start_step: int = 0, tensorboard: bool = False,
-                 enabled: bool = True):
-        self.enabled = enabled
+                 enabled: bool = True, display: bool = True):
+        """enabled=False: log nothing (ranks other than 0). display=False: write the files but print
+        nothing (a packed run, whose group prints one line for all its runs)."""
+        self.enabled, self.display = enabled, display
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.total_steps = total_steps
         self.tb = None
@@ -57,7 +59,7 @@ class MetricsLogger:
             except ImportError:
                 raise ImportError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
             self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
-        if sys.stderr.isatty():
+        if display and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
@@ -72,6 +74,8 @@ class MetricsLogger:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, record["step"])
+        if not self.display:
+            return
         if "loss" not in record:  # evaluation records are printed as they are
             msg = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
             if self.bar is not None:

@@ -36,10 +36,11 @@ def lr_at(step: int, cfg: Config) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (and embeddings), none on biases and LayerNorm gains."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device, model_dims: int = 0) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (and embeddings), none on biases and LayerNorm gains.
+    model_dims: leading dimensions that index stacked models (packed training), not counted as matrix dims."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() - model_dims >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() - model_dims < 2]
     o = cfg.optim
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=device.type == "cuda")
@@ -52,20 +53,20 @@ def build_model(cfg: Config, vocab_size: int) -> GPT:
     return GPT.from_config(cfg.model, vocab_size)
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _check_same_config(saved: dict, cfg: Config, run_dir: str) -> None:
+def check_same_config(saved: dict, cfg: Config, run_dir: str) -> None:
     """A run folder holds one config: resuming with a different one would mix two experiments."""
     current = cfg.to_dict()
     for section, values in current.items():
@@ -78,7 +79,7 @@ def _check_same_config(saved: dict, cfg: Config, run_dir: str) -> None:
                 )
 
 
-def _is_checkpoint_step(step: int, cfg: Config) -> bool:
+def is_checkpoint_step(step: int, cfg: Config) -> bool:
     t = cfg.train
     if step == t.steps:
         return True
@@ -106,13 +107,13 @@ def train(cfg: Config, resume: bool = False) -> dict:
     optimizer = make_optimizer(model, cfg, device)
     start_step = 0
     if resume and existing:
-        saved = config_from_dict(_load_saved_config(run_dir))
-        _check_same_config(saved.to_dict(), cfg, run_dir)
+        saved = config_from_dict(load_saved_config(run_dir))
+        check_same_config(saved.to_dict(), cfg, run_dir)
         ckpt = load_latest_checkpoint(run_dir, map_location=device)
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
-            _set_rng_state(ckpt["rng"])
+            set_rng_state(ckpt["rng"])
             start_step = ckpt["step"]
     os.makedirs(run_dir, exist_ok=True)
     cfg.save(os.path.join(run_dir, "config.yaml"))
@@ -154,15 +155,15 @@ def train(cfg: Config, resume: bool = False) -> dict:
             summary = {"step": done, **evaluate_during_training(model, dataset, cfg, device, amp_dtype)}
             logger.log(summary)
             model.train()
-        if _is_checkpoint_step(done, cfg):
+        if is_checkpoint_step(done, cfg):
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
-                     "rng": _rng_state(), "config": cfg.to_dict(), "vocab_size": model.vocab_size}
+                     "rng": rng_state(), "config": cfg.to_dict(), "vocab_size": model.vocab_size}
             save_checkpoint(run_dir, done, state, keep=t.keep_checkpoints, protected=log_spaced)
             tick = time.time()  # checkpoint time is not training time
     logger.close()
     final_path = os.path.join(run_dir, "final.json")
     if summary:
-        _write_json(final_path, summary)
+        write_json_atomic(final_path, summary)
     else:  # resumed a run that had already finished
         with open(final_path) as f:
             summary = json.load(f)
@@ -177,14 +178,14 @@ def evaluate_during_training(model: GPT, dataset, cfg: Config, device, amp_dtype
                             batch_size=batch_size or cfg.train.micro_batch or cfg.train.global_batch, device=device)
 
 
-def _load_saved_config(run_dir: str) -> dict:
+def load_saved_config(run_dir: str) -> dict:
     import yaml
 
     with open(os.path.join(run_dir, "config.yaml")) as f:
         return yaml.safe_load(f)
 
 
-def _write_json(path: str, doc: dict) -> None:
+def write_json_atomic(path: str, doc: dict) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(doc, f, indent=1)

@@ -1,0 +1,415 @@
+"""Training throughput across the model ladder, and packed training of small models against one at a time.
+
+    python -m benchmarks.bench_throughput                                # GPU: ladder + packed, the defaults below
+    python -m benchmarks.bench_throughput --presets 800m --compile on --skip-packed
+    python -m benchmarks.bench_throughput --skip-ladder --packed-presets 1.5m --packed-k 16,64
+    python -m benchmarks.bench_throughput --tiny                         # CPU smoke test (the default without a GPU)
+
+What is timed: one optimizer step on random tokens already on the device (data loading is bench_sampler's):
+forward and backward of every micro-batch, gradient clipping, AdamW and zero_grad, under bf16 autocast on a
+GPU (fp32 on a CPU). The micro-batch starts at the whole batch and halves until the step fits in memory.
+  fasttrain  fasttrain.model.GPT with each attention x loss backend, the trainer's AdamW (make_optimizer:
+             fused on a GPU) and clipping; eager, and torch.compile(model) as train.compile does.
+  plain      the GPT a user would write, defined below with the same shapes (nn.Linear, SDPA,
+             F.cross_entropy on materialized logits, fused AdamW); eager and compiled.
+  packed     K runs as one PackedGPT step (fasttrain.train.packed.packed_train_step); eager and compiled.
+FLOPs per token (GPT.flops_per_token): 6 * N + 6 * n_layer * seq_len * d_model, where N = non-embedding
+parameters + the tied output head (V * d) and the second term is QK^T and AV over the causal half, forward
+and backward. MFU = achieved FLOP/s / the bf16 matmul rate measured on the same GPU (measured_matmul_flops).
+peak_mem_mb: the most memory allocated during a step, weights and optimizer state included.
+Packed rows give the pack's total tokens/s and its speedup over training the same runs one at a time, i.e.
+over a single run's step of the same batch: plain eager, plain compiled, and fasttrain with the same backends.
+Rows accumulate in benchmarks/results/throughput-<device>.json: a later invocation replaces the rows it
+measures again and keeps the others (--fresh starts the file over).
+"""
+import argparse
+import importlib.util
+import json
+import os
+import time
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernels' import
+
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks.common import (  # noqa: E402
+    RESULTS_DIR,
+    device_slug,
+    peak_memory_mb,
+    print_table,
+    time_ms,
+    write_results,
+)
+from fasttrain.config import config_from_dict  # noqa: E402
+from fasttrain.ladder import PRESETS  # noqa: E402
+from fasttrain.model import GPT  # noqa: E402
+from fasttrain.train.device import autocast, measured_matmul_flops, peak_flops  # noqa: E402
+from fasttrain.train.packed import (  # noqa: E402
+    PackedGPT,
+    clip_grad_norm_per_model,
+    make_packed_optimizer,
+    packed_train_step,
+)
+from fasttrain.train.trainer import build_model, make_optimizer  # noqa: E402
+
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+ROW_KEY = ("part", "preset", "impl", "attention", "loss", "compile", "K", "batch", "seq_len", "vocab_size")
+
+
+# ---- the baseline a user would write ------------------------------------------------------------------
+class PlainBlock(nn.Module):
+    def __init__(self, d, n_head):
+        super().__init__()
+        self.n_head = n_head
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln_1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+        x = x + self.proj(y)
+        return x + self.out(F.gelu(self.fc(self.ln_2(x))))
+
+
+class PlainGPT(nn.Module):
+    def __init__(self, n_layer, d, n_head, vocab_size, context_length):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab_size, d), nn.Embedding(context_length, d)
+        self.blocks = nn.ModuleList(PlainBlock(d, n_head) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(d)
+        for p in self.parameters():
+            if p.dim() == 2:
+                nn.init.normal_(p, 0.0, 0.02)
+
+    def forward(self, idx, targets):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.ln_f(x) @ self.wte.weight.T
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), targets.reshape(-1))
+
+
+def plain_optimizer(model, device):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                             lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+# ---- building each kind of step ---------------------------------------------------------------------------
+def run_config(preset, attention, loss, batch, micro, seq_len, vocab, compile_mode):
+    return config_from_dict({
+        "model": {"preset": preset, "attention": attention, "loss": loss, "vocab_size": vocab},
+        "data": {"seq_len": seq_len},
+        "optim": {"warmup_steps": 0},
+        "train": {"steps": 100, "global_batch": batch, "micro_batch": micro, "compile": compile_mode != "off"},
+    })
+
+
+def compiled(fn, mode):
+    if mode == "off":
+        return fn
+    return torch.compile(fn) if mode == "default" else torch.compile(fn, mode=mode)
+
+
+def single_step(impl, preset, attention, loss, batch, micro, seq_len, vocab, mode, device, amp):
+    """A function taking one optimizer step of one run (fasttrain's GPT or the plain one)."""
+    cfg = run_config(preset, attention if impl == "fasttrain" else "torch", loss, batch, micro, seq_len, vocab, mode)
+    if impl == "fasttrain":
+        model = build_model(cfg, vocab).to(device)
+        optimizer = make_optimizer(model, cfg, device)
+    else:
+        p = PRESETS[preset]
+        model = PlainGPT(p.n_layer, p.d_model, p.n_head, vocab, p.context_length).to(device)
+        optimizer = plain_optimizer(model, device)
+    step_model = compiled(model, mode)
+    tokens = torch.randint(0, vocab, (batch, seq_len + 1), device=device)
+    accum = batch // micro
+
+    def step():
+        for chunk in tokens.split(micro):
+            with autocast(device, amp):
+                loss_value = step_model(chunk[:, :-1], chunk[:, 1:])
+            (loss_value / accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def packed_step(preset, attention, loss, K, batch, micro, seq_len, vocab, mode, device, amp):
+    """A function taking one optimizer step of K packed runs."""
+    cfg = run_config(preset, attention, loss, batch, micro, seq_len, vocab, mode)
+    model = build_model(cfg, vocab)  # every slot starts from the same weights: the timing does not care
+    packed = PackedGPT.from_models([model] * K, device=device)
+    del model
+    optimizer = make_packed_optimizer(packed, cfg, device)
+    step_model = compiled(packed, mode)
+    clip_fn = compiled(clip_grad_norm_per_model, mode)
+    tokens = torch.randint(0, vocab, (K, batch, seq_len + 1), device=device)
+
+    def step():
+        packed_train_step(packed, optimizer, tokens, micro, cfg.optim.lr, cfg.optim.grad_clip, amp, step_model, clip_fn)
+
+    return step
+
+
+def flops_per_token(preset, vocab, seq_len):
+    p = PRESETS[preset]
+    with torch.device("meta"):
+        return GPT(p.n_layer, p.d_model, p.n_head, vocab, p.context_length).flops_per_token(seq_len)
+
+
+def non_embedding_params(preset, vocab):
+    p = PRESETS[preset]
+    with torch.device("meta"):
+        return GPT(p.n_layer, p.d_model, p.n_head, vocab, p.context_length).num_params()
+
+
+def free_memory():
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def measure(make_step, micro, tokens_per_step, flops_per_step, peak, args):
+    """Time a step built by make_step(micro), halving the micro-batch on out-of-memory. Returns row fields."""
+    while True:
+        torch._dynamo.reset()  # a fresh compile per configuration, never the recompile limit's eager fallback
+        try:
+            step = make_step(micro)
+            t0 = time.perf_counter()
+            step()  # the first step pays for compilation and autotuning
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            first_s = time.perf_counter() - t0
+            ms = time_ms(step, args.warmup, args.iters)
+            base = torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else float("nan")
+            mem = base + peak_memory_mb(step)
+            break
+        except torch.cuda.OutOfMemoryError:
+            pass  # memory is freed below, once the exception no longer holds the failed step's frames
+        step = None
+        free_memory()
+        if micro == 1:
+            raise RuntimeError("out of memory even at micro-batch 1")
+        micro //= 2
+        print(f"  out of memory: micro-batch {micro}")
+    step = None
+    free_memory()
+    achieved = flops_per_step / (ms / 1e3)
+    return {"micro_batch": micro, "step_ms": ms, "tokens_per_s": tokens_per_step / (ms / 1e3),
+            "tflops": achieved / 1e12, "mfu": achieved / peak if peak else float("nan"),
+            "peak_mem_mb": mem, "first_step_s": first_s}
+
+
+def bench_row(part, preset, impl, attention, loss, mode, K, batch, seq_len, args, device, amp, peak):
+    """Measure one configuration; a backend that cannot run here gets an error field instead of numbers."""
+    V = args.vocab_size
+    fpt = flops_per_token(preset, V, seq_len)
+    row = {"part": part, "preset": preset, "impl": impl, "attention": attention, "loss": loss, "compile": mode,
+           "K": K, "batch": batch, "seq_len": seq_len, "vocab_size": V, "params": non_embedding_params(preset, V),
+           "flops_per_token": fpt}
+    label = " ".join(f"{k}={row[k]}" for k in ("part", "preset", "impl", "attention", "loss", "compile", "K"))
+    print(label, flush=True)
+
+    def make_step(micro):
+        if impl == "packed":
+            return packed_step(preset, attention, loss, K, batch, micro, seq_len, V, mode, device, amp)
+        return single_step(impl, preset, attention, loss, batch, micro, seq_len, V, mode, device, amp)
+
+    first_micro = (args.micro_batch if part == "ladder" else None) or batch
+    try:
+        row.update(measure(make_step, first_micro, K * batch * seq_len, K * fpt * batch * seq_len, peak, args))
+    except Exception as e:  # noqa: BLE001 (one failing backend must not cost the rest of the run)
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        print(f"  failed: {row['error']}")
+    free_memory()
+    return row
+
+
+# ---- the two parts ----------------------------------------------------------------------------------------
+def ladder_rows(args, device, amp, peak, emit):
+    combos = [(a, l) for a in args.attention for l in args.loss]
+    for preset in args.presets:
+        for mode in args.compile:
+            emit(bench_row("ladder", preset, "plain", "sdpa", "torch", mode, 1, args.batch, args.seq_len,
+                           args, device, amp, peak))
+            for attention, loss in combos:
+                emit(bench_row("ladder", preset, "fasttrain", attention, loss, mode, 1, args.batch, args.seq_len,
+                               args, device, amp, peak))
+
+
+def packed_rows(args, device, amp, peak, emit):
+    B, T = args.packed_batch, args.packed_seq_len
+    for preset in args.packed_presets:
+        for mode in args.packed_compile:
+            emit(bench_row("packed", preset, "plain", "sdpa", "torch", mode, 1, B, T, args, device, amp, peak))
+        for mode in args.packed_compile:
+            for attention, loss in args.packed_combos:
+                emit(bench_row("packed", preset, "fasttrain", attention, loss, mode, 1, B, T, args, device, amp, peak))
+                for K in args.packed_k:
+                    emit(bench_row("packed", preset, "packed", attention, loss, mode, K, B, T, args, device, amp, peak))
+
+
+def add_speedups(rows):
+    """Speedups between rows of the same shapes (this invocation's or an earlier one's). Ladder: over the
+    plain step in the same compile mode. Packed: the pack's total tokens/s over the same runs trained one at
+    a time, i.e. over one run's tokens/s: plain eager, plain compiled, fasttrain single (same backends)."""
+    rate = {}
+    for r in rows:
+        if r.get("tokens_per_s") and r["K"] == 1:
+            rate[(r["part"], r["preset"], r["batch"], r["seq_len"], r["vocab_size"], r["impl"], r["attention"],
+                  r["loss"], r["compile"])] = r["tokens_per_s"]
+    for r in rows:
+        if not r.get("tokens_per_s"):
+            continue
+        shape = (r["part"], r["preset"], r["batch"], r["seq_len"], r["vocab_size"])
+        if r["part"] == "ladder" and r["impl"] == "fasttrain":
+            baselines = {"plain": ("plain", "sdpa", "torch", r["compile"])}
+        elif r["impl"] == "packed":
+            baselines = {"plain_eager": ("plain", "sdpa", "torch", "off"),
+                         "plain_compiled": ("plain", "sdpa", "torch", "default"),
+                         "fasttrain_single": ("fasttrain", r["attention"], r["loss"], r["compile"])}
+        else:
+            continue
+        for name, key in baselines.items():
+            if shape + key in rate:
+                r[f"speedup_vs_{name}"] = r["tokens_per_s"] / rate[shape + key]
+
+
+# ---- command line -------------------------------------------------------------------------------------------
+def csv(kind=str):
+    return lambda text: [kind(x) for x in text.split(",") if x]
+
+
+def combos(text):
+    out = []
+    for pair in text.split(","):
+        attention, _, loss = pair.partition("/")
+        out.append((attention, loss or "torch"))
+    return out
+
+
+def parse_args(argv):
+    on_gpu = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiny", action="store_true", default=not on_gpu,
+                   help="tiny shapes, eager only: a smoke test that runs on a CPU in under a minute")
+    p.add_argument("--presets", type=csv(), help="ladder presets (default 1.5m,13m,85m,300m,800m; tiny: 100k)")
+    p.add_argument("--attention", type=csv(), help="attention backends (default torch,triton and flash if installed)")
+    p.add_argument("--loss", type=csv(), default=["torch", "triton"], help="loss backends")
+    p.add_argument("--compile", type=csv(), help=f"compile modes among {','.join(COMPILE_MODES)}; on = default "
+                                                 "(default off,on; tiny: off)")
+    p.add_argument("--batch", type=int, help="sequences per optimizer step (default 32; tiny 2)")
+    p.add_argument("--micro-batch", type=int, help="first micro-batch to try (default: the whole batch)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default 2048, the presets' context; tiny 32)")
+    p.add_argument("--vocab-size", type=int, help="vocabulary (default 8192; tiny 256)")
+    p.add_argument("--packed-presets", type=csv(), help="small presets to pack (default 100k,1.5m,13m; tiny 100k)")
+    p.add_argument("--packed-k", type=csv(int), help="models per pack (default 16,64; tiny 4)")
+    p.add_argument("--packed-batch", type=int, help="sequences per step of each packed run (default 16; tiny 2)")
+    p.add_argument("--packed-seq-len", type=int, help="tokens per sequence of the packed runs (default 128; tiny 32)")
+    p.add_argument("--packed-combos", type=combos, default=[("torch", "triton"), ("torch", "torch")],
+                   help="attention/loss backends of the packed and single fasttrain rows (default "
+                        "torch/triton,torch/torch)")
+    p.add_argument("--packed-compile", type=csv(), help="compile modes for the packed part (default off,on; tiny off)")
+    p.add_argument("--skip-ladder", action="store_true")
+    p.add_argument("--skip-packed", action="store_true")
+    p.add_argument("--warmup", type=int, help="untimed steps after the first (default 3; tiny 0)")
+    p.add_argument("--iters", type=int, help="timed steps, median reported (default 10; tiny 2)")
+    p.add_argument("--fresh", action="store_true", help="drop the rows of earlier invocations from the result file")
+    args = p.parse_args(argv)
+
+    tiny = args.tiny
+    flash = importlib.util.find_spec("flash_attn") is not None and on_gpu
+    defaults = {
+        "presets": ["100k"] if tiny else ["1.5m", "13m", "85m", "300m", "800m"],
+        "attention": ["torch", "triton"] + (["flash"] if flash else []),
+        "compile": ["off"] if tiny else ["off", "on"],
+        "batch": 2 if tiny else 32,
+        "seq_len": 32 if tiny else 2048,
+        "vocab_size": 256 if tiny else 8192,
+        "packed_presets": ["100k"] if tiny else ["100k", "1.5m", "13m"],
+        "packed_k": [4] if tiny else [16, 64],
+        "packed_batch": 2 if tiny else 16,
+        "packed_seq_len": 32 if tiny else 128,
+        "packed_compile": ["off"] if tiny else ["off", "on"],
+        "warmup": 0 if tiny else 3,
+        "iters": 2 if tiny else 10,
+    }
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.compile = ["default" if m == "on" else m for m in args.compile]
+    args.packed_compile = ["default" if m == "on" else m for m in args.packed_compile]
+    for name in ("presets", "packed_presets"):
+        unknown = [x for x in getattr(args, name) if x not in PRESETS]
+        if unknown:
+            p.error(f"--{name.replace('_', '-')}: unknown preset {unknown[0]} (choose from {', '.join(PRESETS)})")
+    for mode in args.compile + args.packed_compile:
+        if mode not in COMPILE_MODES:
+            p.error(f"--compile: unknown mode {mode} (choose from on, {', '.join(COMPILE_MODES)})")
+    return args
+
+
+def load_earlier_rows(fresh):
+    path = os.path.join(RESULTS_DIR, f"throughput-{device_slug()}.json")
+    if fresh or not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f).get("rows", [])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # tiny shapes: more threads only spin, and on a shared CPU they stall
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    peak = measured_matmul_flops(device) if device.type == "cuda" else None
+    extra = {"peak_bf16_flops_measured": peak, "peak_bf16_flops_datasheet": peak_flops(device),
+             "precision": "bf16 autocast" if amp else "fp32",
+             "flops_per_token": "6 * (non-embedding params + vocab * d_model) + 6 * n_layer * seq_len * d_model"}
+    if peak:
+        print(f"measured bf16 matmul peak: {peak / 1e12:.0f} TFLOP/s")
+    earlier = load_earlier_rows(args.fresh)
+    rows = []
+
+    def emit(row):
+        rows.append(row)
+        keys = {tuple(r.get(k) for k in ROW_KEY) for r in rows}
+        kept = [r for r in earlier if tuple(r.get(k) for k in ROW_KEY) not in keys]
+        add_speedups(kept + rows)
+        write_results("throughput", kept + rows, extra=extra)  # after every row: a killed run keeps its results
+
+    if not args.skip_ladder:
+        ladder_rows(args, device, amp, peak, emit)
+    if not args.skip_packed:
+        packed_rows(args, device, amp, peak, emit)
+
+    columns = ["part", "preset", "impl", "attention", "loss", "compile", "K", "batch", "micro_batch", "seq_len",
+               "step_ms", "tokens_per_s", "tflops", "mfu", "peak_mem_mb", "first_step_s"]
+    print_table([r for r in rows if r["part"] == "ladder"], columns + ["speedup_vs_plain"])
+    print()
+    print_table([r for r in rows if r["part"] == "packed"],
+                columns + ["speedup_vs_plain_eager", "speedup_vs_plain_compiled", "speedup_vs_fasttrain_single"])
+    failed = [r for r in rows if "error" in r]
+    for r in failed:
+        print(f"failed: {r['preset']} {r['impl']} {r['attention']}/{r['loss']} compile={r['compile']} K={r['K']}: "
+              f"{r['error']}")
+    path = os.path.join(RESULTS_DIR, f"throughput-{device_slug()}.json")
+    print("wrote", path if rows else "nothing")
+
+
+if __name__ == "__main__":
+    main()
