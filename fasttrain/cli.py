@@ -67,6 +67,7 @@ def is_distributed_launch() -> bool:
 def build_parser() -> argparse.ArgumentParser:
     from fasttrain.data.cli import register as register_data
     from fasttrain.eval.cli import register as register_eval
+    from fasttrain.sweep.cli import register as register_sweep
 
     parser = argparse.ArgumentParser(
         prog="fasttrain",
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_data(sub)
     register_eval(sub)
+    register_sweep(sub)
     return parser
 
 

@@ -1,0 +1,112 @@
+"""`fasttrain sweep`, `fasttrain report` and `fasttrain demo`, registered by register(subparsers)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def cmd_sweep(args) -> None:
+    from fasttrain.sweep.grid import SweepError, load_sweep
+    from fasttrain.sweep.runner import run_sweep
+
+    spec = load_sweep(args.sweep)
+    if args.dry_run:
+        from fasttrain.sweep.plan import format_plan, plan
+
+        print(format_plan(plan(spec, args.out, measure=not args.no_measure), jobs=args.jobs))
+        return
+    try:
+        result = run_sweep(spec, args.out, jobs=args.jobs, progress=not args.quiet)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    print(f"{len(result.runs) - len(result.failed)} of {len(result.runs)} runs done in {result.sweep_dir}; "
+          f"analyze with: fasttrain report {result.sweep_dir}")
+    if result.failed:
+        raise SweepError(f"{len(result.failed)} run(s) failed: {', '.join(result.failed)} (see their train.log "
+                         "or eval.log); fix the cause and re-run the same command to retry them")
+
+
+def cmd_report(args) -> None:
+    from fasttrain.sweep.report import write_report
+
+    report, page = write_report(args.sweep_dir, args.out, bootstrap=args.bootstrap,
+                                fixed_irreducible=args.fixed_irreducible)
+    for line in report.summary_lines():
+        print(line)
+    if report.fit is not None:
+        f = report.fit
+        print(f"fit: L(N) = {f.irreducible:.4f} + {f.coefficient:.4g} * N^-{f.exponent:.4f}"
+              + (f" ({f.note})" if f.note else ""))
+    else:
+        print(f"no fit: {report.fit_error}")
+    print(f"report written to {page}")
+
+
+def cmd_demo(args) -> None:
+    from fasttrain.sweep.demo import run_demo
+
+    try:
+        run_demo(out_dir=args.out, scale=args.scale, jobs=args.jobs, max_bytes=args.max_bytes)
+    except KeyboardInterrupt:
+        print("interrupted: re-run the same command to continue where it stopped", file=sys.stderr)
+        sys.exit(130)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "sweep", help="run a grid of models (sizes x repeated fraction x repeat count x seeds), resumably",
+        description="Expand a sweep file into runs (f = 0 baselines added automatically) and train every run "
+                    "not finished yet, each in its own subprocess; re-run the same command after a crash or "
+                    "a kill to continue.",
+    )
+    p.add_argument("sweep", metavar="SWEEP.yaml", help="sweep file: base config, grid axes, token budget, out_dir")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (N, tokens, FLOPs, estimated time) without training")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once (several small runs share one GPU; default 1)")
+    p.add_argument("--out", metavar="DIR", help="sweep folder (default: the sweep file's out_dir)")
+    p.add_argument("--no-measure", action="store_true",
+                   help="with --dry-run: do not time steps to estimate throughput")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.set_defaults(func=cmd_sweep)
+
+    p = subparsers.add_parser(
+        "report", help="fit the scaling law, compute effective sizes, write plots and a report page",
+        description="Analyze a sweep folder (no training): fit L(N) = E_irr + A N^-alpha to the f = 0 "
+                    "baselines, give every repeated run its effective size, write PNG plots and report.md.",
+    )
+    p.add_argument("sweep_dir", metavar="SWEEP_DIR")
+    p.add_argument("--out", metavar="DIR", help="where to write the report (default: SWEEP_DIR/report)")
+    p.add_argument("--bootstrap", type=int, default=300, help="bootstrap resamples for uncertainties (default 300)")
+    p.add_argument("--fixed-irreducible", type=float, default=None, metavar="E_IRR",
+                   help="fix E_irr instead of fitting it (for sweeps with too few sizes)")
+    p.set_defaults(func=cmd_report)
+
+    p = subparsers.add_parser(
+        "demo", help="prepare the default corpus, run a small repeated-data sweep and write its report",
+        description="The whole experiment in one command: about 15 minutes on 2 CPU cores at --scale 1. "
+                    "Re-run the same command to continue an interrupted demo.",
+    )
+    p.add_argument("--out", metavar="DIR", default="demo", help="folder for the dataset, runs and report (default: demo)")
+    p.add_argument("--scale", type=int, default=1,
+                   help="1: tiny models for a CPU; 2, 3, ...: larger models and more tokens for a GPU")
+    p.add_argument("--jobs", type=int, default=None, help="runs trained at once (default: 1 on a CPU, 4 on a GPU)")
+    p.add_argument("--max-bytes", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_demo)
+
+
+def main(argv=None) -> int:
+    """`python -m fasttrain.sweep` runs these three commands on their own."""
+    from fasttrain.config import ConfigError
+    from fasttrain.data.corpus import CorpusNotInstalled
+
+    parser = argparse.ArgumentParser(prog="python -m fasttrain.sweep")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    register(sub)
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, CorpusNotInstalled, ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,319 @@
+"""A sweep file and its expansion into runs.
+
+A sweep file holds a base run config (the schema of `fasttrain train --config`), the axes of the grid, a
+token budget per size and an output folder:
+
+    out_dir: sweeps/repeat
+    base:                               # every run starts from this config
+      data: {path: data/default, seq_len: 128}
+      optim: {lr: 3.0e-3, warmup_steps: 20}
+      train: {global_batch: 16}
+    grid:
+      sizes: [100k, 340k, 900k]         # model presets (`fasttrain models`)
+      repeated_fraction: [0.1]          # f; the f = 0 baseline of every (size, seed) is added automatically
+      repeat_count: [2, 8, 32, 128]     # E
+      placement: [uniform]              # uniform | even
+      seeds: [0]                        # model init seed; the data seed is base data.seed + seed
+    budget: {tokens_per_param: 20}      # or {tokens: 2.0e6}, or {tokens: {100k: 1.0e6, 340k: 3.0e6}},
+                                        # or {steps: 500}; non-embedding parameters, tokens = steps * batch * seq_len
+    per_size:                           # optional config overrides for one size
+      900k: {optim: {lr: 2.0e-3}}
+    num_gpus: 1                         # > 1 (or base deepspeed.zero_stage > 0): runs go through the deepspeed launcher
+    evaluate: false                     # true: run `fasttrain eval` after each run (all metrics), or a list
+                                        # of metrics, e.g. [test, repeated, copying, induction]
+
+Relative paths (out_dir, base data.path) are relative to the current directory, as for `fasttrain train`;
+run configs store them absolute. Run names are stable and readable: `340k_f0.1_E8_uniform_s0`, and
+`340k_f0_s0` for a baseline.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+from fasttrain.config import Config, ConfigError, config_from_dict, seq_len
+from fasttrain.ladder import PRESETS, non_embedding_params
+
+SWEEP_KEYS = ("out_dir", "base", "grid", "budget", "per_size", "num_gpus", "evaluate")
+GRID_KEYS = ("sizes", "repeated_fraction", "repeat_count", "placement", "seeds")
+BUDGET_KEYS = ("tokens_per_param", "tokens", "steps")
+
+
+class SweepError(ValueError):
+    """A sweep file or sweep folder that cannot be used as it is; the message says what to change."""
+
+
+@dataclass
+class SweepSpec:
+    base: dict  # a run-config tree
+    sizes: list[str]
+    repeated_fractions: list[float]  # f > 0 only; baselines are implied
+    repeat_counts: list[int]
+    placements: list[str] = field(default_factory=lambda: ["uniform"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    budget: dict = field(default_factory=lambda: {"tokens_per_param": 20.0})
+    per_size: dict = field(default_factory=dict)
+    out_dir: str = "sweeps/default"
+    num_gpus: int = 1
+    evaluate: bool | list = False  # True (every metric) or a list of metric names
+
+    def to_dict(self) -> dict:
+        return {
+            "out_dir": self.out_dir,
+            "base": self.base,
+            "grid": {"sizes": self.sizes, "repeated_fraction": self.repeated_fractions,
+                     "repeat_count": self.repeat_counts, "placement": self.placements, "seeds": self.seeds},
+            "budget": self.budget,
+            "per_size": self.per_size,
+            "num_gpus": self.num_gpus,
+            "evaluate": self.evaluate,
+        }
+
+    def save(self, path: str) -> None:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+        os.replace(tmp, path)
+
+    @property
+    def uses_deepspeed(self) -> bool:
+        zero = (self.base.get("deepspeed") or {}).get("zero_stage", 0)
+        return self.num_gpus > 1 or int(zero or 0) > 0
+
+
+@dataclass
+class RunSpec:
+    """One run of the grid: its name, axis values and resolved config (train.out_dir = its folder)."""
+    name: str
+    size: str
+    repeated_fraction: float
+    repeat_count: int
+    placement: str
+    seed: int
+    config: Config
+    params: int  # non-embedding parameters
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.repeated_fraction == 0.0
+
+    @property
+    def seq_len(self) -> int:
+        return seq_len(self.config)
+
+    @property
+    def tokens(self) -> int:
+        """Training tokens D (predicted tokens: steps * global batch * seq_len)."""
+        t = self.config.train
+        return t.steps * t.global_batch * self.seq_len
+
+    @property
+    def flops(self) -> float:
+        return 6.0 * self.params * self.tokens
+
+    @property
+    def run_dir(self) -> str:
+        return self.config.train.out_dir
+
+    def axes(self) -> dict:
+        return {"size": self.size, "params": self.params, "repeated_fraction": self.repeated_fraction,
+                "repeat_count": self.repeat_count, "placement": self.placement if not self.is_baseline else None,
+                "seed": self.seed, "steps": self.config.train.steps, "tokens": self.tokens, "flops": self.flops}
+
+
+def format_number(x: float) -> str:
+    """0.1 -> '0.1', 100.0 -> '100', 0.03 -> '0.03' (short and stable, for run names)."""
+    return f"{x:g}"
+
+
+def run_name(size: str, f: float, E: int, placement: str, seed: int) -> str:
+    if f == 0:
+        return f"{size}_f0_s{seed}"
+    return f"{size}_f{format_number(f)}_E{E}_{placement}_s{seed}"
+
+
+def _as_list(value: Any, key: str) -> list:
+    if value is None:
+        raise SweepError(f"grid.{key}: missing (give a value or a list)")
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not items:
+        raise SweepError(f"grid.{key}: empty list")
+    return items
+
+
+def _number(value: Any, key: str, kind=float):
+    try:
+        x = float(value.replace("_", "")) if isinstance(value, str) else float(value)
+    except (TypeError, ValueError):
+        raise SweepError(f"{key}: expected a number, got {value!r}") from None
+    if kind is int:
+        if not x.is_integer():
+            raise SweepError(f"{key}: expected an integer, got {value!r}")
+        return int(x)
+    return x
+
+
+def spec_from_dict(tree: dict, source: str = "sweep file") -> SweepSpec:
+    if not isinstance(tree, dict):
+        raise SweepError(f"{source}: expected a mapping with base, grid and budget")
+    unknown = sorted(set(tree) - set(SWEEP_KEYS))
+    if unknown:
+        raise SweepError(f"{source}: unknown key '{unknown[0]}' (valid keys: {', '.join(SWEEP_KEYS)})")
+    grid = tree.get("grid")
+    if not isinstance(grid, dict):
+        raise SweepError(f"{source}: 'grid' is missing or not a mapping (sizes, repeated_fraction, repeat_count, ...)")
+    unknown = sorted(set(grid) - set(GRID_KEYS))
+    if unknown:
+        raise SweepError(f"grid.{unknown[0]}: unknown axis (valid axes: {', '.join(GRID_KEYS)})")
+
+    sizes = [str(s) for s in _as_list(grid.get("sizes"), "sizes")]
+    for s in sizes:
+        if s not in PRESETS:
+            raise SweepError(f"grid.sizes: unknown preset '{s}' (choose from {', '.join(PRESETS)})")
+    fractions = [_number(f, "grid.repeated_fraction") for f in _as_list(grid.get("repeated_fraction", [0.0]), "repeated_fraction")]
+    for f in fractions:
+        if not 0.0 <= f < 1.0:
+            raise SweepError(f"grid.repeated_fraction: {f} must be in [0, 1)")
+    repeated = [f for f in fractions if f > 0]
+    counts = [_number(e, "grid.repeat_count", int) for e in _as_list(grid.get("repeat_count", [2]), "repeat_count")]
+    for e in counts:
+        if e < 2:
+            raise SweepError(f"grid.repeat_count: {e} must be at least 2 (1 repeat is unique data; "
+                             "the f = 0 baselines are added automatically)")
+    placements = [str(p) for p in _as_list(grid.get("placement", ["uniform"]), "placement")]
+    for p in placements:
+        if p not in ("uniform", "even"):
+            raise SweepError(f"grid.placement: '{p}' is not one of uniform, even")
+    seeds = [_number(s, "grid.seeds", int) for s in _as_list(grid.get("seeds", [0]), "seeds")]
+
+    budget = tree.get("budget") or {"tokens_per_param": 20.0}
+    if not isinstance(budget, dict) or len(set(budget) & set(BUDGET_KEYS)) != 1 or set(budget) - set(BUDGET_KEYS):
+        raise SweepError("budget: give exactly one of tokens_per_param, tokens or steps "
+                         "(a number, or a mapping from size to number)")
+    per_size = tree.get("per_size") or {}
+    if not isinstance(per_size, dict):
+        raise SweepError("per_size: expected a mapping from size to config overrides")
+    for s in per_size:
+        if str(s) not in sizes:
+            raise SweepError(f"per_size.{s}: not one of grid.sizes ({', '.join(sizes)})")
+    base = tree.get("base") or {}
+    if not isinstance(base, dict):
+        raise SweepError("base: expected a run config mapping (model, data, optim, train, deepspeed)")
+    num_gpus = _number(tree.get("num_gpus", 1), "num_gpus", int)
+    if num_gpus < 1:
+        raise SweepError(f"num_gpus: {num_gpus} must be at least 1")
+    evaluate = tree.get("evaluate", False)
+    if isinstance(evaluate, str):
+        evaluate = [m.strip() for m in evaluate.split(",") if m.strip()]
+    if isinstance(evaluate, list):
+        from fasttrain.eval.run import ALL_METRICS
+
+        bad = [m for m in evaluate if m not in ALL_METRICS]
+        if bad or not evaluate:
+            raise SweepError(f"evaluate: {bad[0] if bad else 'empty list'!r} is not a metric "
+                             f"(choose from {', '.join(ALL_METRICS)}, or true for all)")
+    elif not isinstance(evaluate, bool):
+        raise SweepError(f"evaluate: expected true, false or a list of metrics, got {evaluate!r}")
+    return SweepSpec(base=base, sizes=_unique(sizes), repeated_fractions=_unique(repeated),
+                     repeat_counts=_unique(counts), placements=_unique(placements), seeds=_unique(seeds),
+                     budget=budget, per_size={str(k): v for k, v in per_size.items()},
+                     out_dir=str(tree.get("out_dir") or "sweeps/default"), num_gpus=num_gpus, evaluate=evaluate)
+
+
+def _unique(items: list) -> list:
+    seen, out = set(), []
+    for x in items:
+        if x not in seen:
+            seen.add(x)
+            out.append(x)
+    return out
+
+
+def load_sweep(path: str) -> SweepSpec:
+    if not os.path.exists(path):
+        raise SweepError(f"sweep file not found: {path}")
+    with open(path) as f:
+        try:
+            tree = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise SweepError(f"cannot parse sweep file {path}: {str(e).splitlines()[0]}") from None
+    return spec_from_dict(tree or {}, source=path)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (extra or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _per_size_value(budget_value: Any, size: str, key: str) -> float:
+    if isinstance(budget_value, dict):
+        if size not in budget_value:
+            raise SweepError(f"budget.{key}: no value for size {size} (give one for every size in grid.sizes)")
+        budget_value = budget_value[size]
+    return _number(budget_value, f"budget.{key}")
+
+
+def steps_for_budget(budget: dict, size: str, params: int, tokens_per_step: int) -> int:
+    """train.steps that spend the size's token budget (rounded to whole steps, at least 1)."""
+    (key,) = set(budget) & set(BUDGET_KEYS)
+    value = _per_size_value(budget[key], size, key)
+    if value <= 0:
+        raise SweepError(f"budget.{key}: {value} must be positive")
+    if key == "steps":
+        return max(1, int(round(value)))
+    tokens = value * params if key == "tokens_per_param" else value
+    return max(1, int(round(tokens / tokens_per_step)))
+
+
+def expand(spec: SweepSpec, out_dir: Optional[str] = None) -> list[RunSpec]:
+    """Every run of the grid (baselines included), ordered by size, seed, then baselines first."""
+    sweep_dir = os.path.abspath(out_dir or spec.out_dir)
+    runs = []
+    for size, seed in itertools.product(spec.sizes, spec.seeds):
+        combos = [(0.0, 1, "uniform")] + list(itertools.product(spec.repeated_fractions, spec.repeat_counts, spec.placements))
+        for f, E, placement in combos:
+            name = run_name(size, f, E, placement, seed)
+            runs.append(_resolve_run(spec, sweep_dir, name, size, f, E, placement, seed))
+    return runs
+
+
+def _resolve_run(spec, sweep_dir, name, size, f, E, placement, seed) -> RunSpec:
+    tree = _merge(spec.base, spec.per_size.get(size, {}))
+    for section in ("model", "data", "optim", "train"):
+        tree.setdefault(section, {})
+        if not isinstance(tree[section], dict):
+            raise SweepError(f"base.{section}: expected a mapping")
+    tree["model"]["preset"] = size
+    data = tree["data"]
+    if data.get("path"):
+        data["path"] = os.path.abspath(str(data["path"]))
+    data_seed = int(data.get("seed", 1234))
+    data.update(repeated_fraction=f, repeat_count=E, placement=placement, seed=data_seed + seed)
+    train_tree = tree["train"]
+    train_tree["seed"] = seed
+    train_tree["out_dir"] = os.path.join(sweep_dir, "runs", name)
+    try:
+        probe = config_from_dict(_merge(tree, {"train": {"steps": 10**9}}))  # resolves the preset and seq_len
+    except ConfigError as e:
+        raise SweepError(f"run {name}: {e}") from None
+    params = non_embedding_params(probe.model.n_layer, probe.model.d_model)
+    tokens_per_step = probe.train.global_batch * seq_len(probe)
+    train_tree["steps"] = steps_for_budget(spec.budget, size, params, tokens_per_step)
+    if "checkpoint_every" not in train_tree:  # a killed run resumes from at most a tenth of its steps back
+        train_tree["checkpoint_every"] = max(1, train_tree["steps"] // 10)
+    try:
+        cfg = config_from_dict(tree)
+    except ConfigError as e:
+        raise SweepError(f"run {name}: {e}") from None
+    return RunSpec(name=name, size=size, repeated_fraction=f, repeat_count=E, placement=placement, seed=seed,
+                   config=cfg, params=params)

@@ -1,0 +1,243 @@
+"""`fasttrain sweep --dry-run`: the plan of a sweep, with an estimated time per run.
+
+Training speed (tokens/s) for each model shape comes from, in order of preference:
+    1. runs of this sweep that already logged steps (median tokens_per_s of their metrics.jsonl),
+    2. SWEEP_DIR/throughput.json, a table kept from earlier measurements and runs on the same device,
+    3. a measurement now: a few timed optimizer steps of that shape with random tokens on this machine.
+Each row says which one it used. Time = tokens / (tokens/s); with --jobs N runs share the device, so the
+wall-clock total is at best the sum divided by N.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from typing import Optional
+
+from fasttrain.config import seq_len
+from fasttrain.sweep.grid import RunSpec, SweepSpec, expand
+from fasttrain.sweep.runner import MANIFEST, read_json, write_json_atomic
+
+THROUGHPUT = "throughput.json"
+MEASURE_WARMUP_STEPS = 2
+MEASURE_STEPS = 3
+MAX_MEASURED_STEP_FLOPS_CPU = 2e11  # larger shapes take minutes per step on a CPU: not timed there
+
+
+def device_name(device: str = "auto") -> str:
+    import torch
+
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return "cpu"
+
+
+def shape_key(run: RunSpec, vocab_size: int, device: str) -> str:
+    m, t = run.config.model, run.config.train
+    micro = t.micro_batch or t.global_batch
+    return (f"{device}|L{m.n_layer}-d{m.d_model}-h{m.n_head}|T{seq_len(run.config)}|mb{micro}|V{vocab_size}|"
+            f"{m.attention}-{m.loss}|{t.precision}")
+
+
+def dataset_vocab(run: RunSpec) -> Optional[int]:
+    if run.config.model.vocab_size:
+        return run.config.model.vocab_size
+    manifest = read_json(os.path.join(run.config.data.path, "manifest.json")) if run.config.data.path else None
+    return int(manifest["vocab_size"]) if manifest and "vocab_size" in manifest else None
+
+
+def logged_throughput(run_dir: str) -> Optional[float]:
+    """Median tokens/s of a run's logged steps (its first record, with start-up costs, left out)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    rates = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "tokens_per_s" in rec:
+                rates.append(float(rec["tokens_per_s"]))
+    rates = rates[1:] if len(rates) > 1 else rates
+    return statistics.median(rates) if rates else None
+
+
+def measure_throughput(run: RunSpec, vocab_size: int, device: str = "auto") -> float:
+    """Tokens/s of full optimizer steps (forward, backward, AdamW) of this run's shape on random tokens."""
+    import torch
+
+    from fasttrain.model import GPT
+    from fasttrain.train.device import autocast, autocast_dtype, resolve_device
+
+    cfg = run.config
+    dev = resolve_device(device if device != "auto" else cfg.train.device)
+    amp = autocast_dtype(cfg.train.precision, dev)
+    T = seq_len(cfg)
+    micro = cfg.train.micro_batch or cfg.train.global_batch
+    accum = cfg.train.global_batch // micro
+    torch.manual_seed(0)
+    model = GPT.from_config(cfg.model, vocab_size).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = torch.randint(0, vocab_size, (micro, T + 1), device=dev)
+
+    def step():
+        for _ in range(accum):
+            with autocast(dev, amp):
+                loss = model(batch[:, :-1], batch[:, 1:])
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(MEASURE_WARMUP_STEPS):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(MEASURE_STEPS):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    return MEASURE_STEPS * cfg.train.global_batch * T / elapsed
+
+
+def step_flops(run: RunSpec, vocab_size: int) -> float:
+    m = run.config.model
+    T = seq_len(run.config)
+    per_token = 6.0 * (run.params + vocab_size * m.d_model) + 6.0 * m.n_layer * T * m.d_model
+    return per_token * run.config.train.global_batch * T
+
+
+def data_check(run: RunSpec) -> str:
+    """'ok' when the prepared dataset holds enough windows for the run's schedule, else why not."""
+    from fasttrain.data import RepetitionSchedule, ScheduleError, num_windows, open_dataset
+
+    path = run.config.data.path
+    if not path:
+        return "no data.path"
+    if not os.path.exists(os.path.join(path, "manifest.json")):
+        return "dataset not prepared yet"
+    try:
+        dataset = open_dataset(path, verify=False)
+        T = seq_len(run.config)
+        RepetitionSchedule(num_windows(dataset.train, T), run.config.train.steps * run.config.train.global_batch,
+                           run.config.data.repeated_fraction, run.config.data.repeat_count,
+                           placement=run.config.data.placement, seed=run.config.data.seed, tokens_per_window=T + 1)
+    except (ScheduleError, ValueError) as e:
+        return f"too small: {e}"
+    return "ok"
+
+
+def plan(spec: SweepSpec, out_dir: Optional[str] = None, measure: bool = True) -> dict:
+    """Every run with N, D, FLOPs, tokens/s (and its source), estimated seconds, state and data check."""
+    runs = expand(spec, out_dir)
+    sweep_dir = os.path.abspath(out_dir or spec.out_dir)
+    manifest = read_json(os.path.join(sweep_dir, MANIFEST)) or {"runs": {}}
+    table_path = os.path.join(sweep_dir, THROUGHPUT)
+    table = read_json(table_path) or {}
+    device = device_name(spec.base.get("train", {}).get("device", "auto"))
+    rows, measured_now, data_checks = [], {}, {}
+    for run in runs:
+        vocab = dataset_vocab(run)
+        key = shape_key(run, vocab or 0, device)
+        rate, source = None, None
+        logged = logged_throughput(run.run_dir)
+        if logged:
+            rate, source = logged, "logged by this run"
+            table[key] = {"tokens_per_s": rate, "source": f"run {run.name}", "measured": _now()}
+        elif key in table:
+            rate, source = table[key]["tokens_per_s"], f"table ({table[key]['source']})"
+        elif not measure:
+            source = "not measured (--no-measure)"
+        elif vocab is None:
+            source = "not measured (vocabulary unknown: prepare the dataset or set model.vocab_size)"
+        elif device == "cpu" and step_flops(run, vocab) > MAX_MEASURED_STEP_FLOPS_CPU:
+            source = "not measured (too large to time on this CPU; run the dry-run on the target GPU)"
+        else:
+            if key not in measured_now:
+                measured_now[key] = measure_throughput(run, vocab)
+                table[key] = {"tokens_per_s": measured_now[key],
+                              "source": f"{MEASURE_STEPS} timed steps on {device}", "measured": _now()}
+            rate, source = measured_now[key], f"measured now ({MEASURE_STEPS} timed steps)"
+        data_key = (run.config.data.path, seq_len(run.config), run.tokens, run.repeated_fraction, run.repeat_count)
+        if data_key not in data_checks:
+            data_checks[data_key] = data_check(run)
+        entry = manifest["runs"].get(run.name, {})
+        done_steps = 0 if entry.get("state") == "done" else _logged_step(run.run_dir)
+        remaining = run.tokens * (1 - min(done_steps, run.config.train.steps) / run.config.train.steps)
+        if entry.get("state") == "done":
+            remaining = 0
+        rows.append({
+            "name": run.name, "size": run.size, "params": run.params, "tokens": run.tokens,
+            "steps": run.config.train.steps, "flops": run.flops, "tokens_per_s": rate, "throughput_source": source,
+            "estimated_s": run.tokens / rate if rate else None,
+            "remaining_s": remaining / rate if rate else None,
+            "state": entry.get("state", "pending"), "data": data_checks[data_key],
+        })
+    if measured_now or any(r["throughput_source"] == "logged by this run" for r in rows):
+        os.makedirs(sweep_dir, exist_ok=True)  # the table is kept for the next plan, even before any run
+        write_json_atomic(table_path, table)
+    return {"sweep_dir": sweep_dir, "device": device, "runs": rows, "deepspeed": spec.uses_deepspeed,
+            "num_gpus": spec.num_gpus, "evaluate": spec.evaluate}
+
+
+def _logged_step(run_dir: str) -> int:
+    from fasttrain.sweep.runner import last_logged_step
+
+    return last_logged_step(run_dir)
+
+
+def _now() -> str:
+    from fasttrain.sweep.runner import now_iso
+
+    return now_iso()
+
+
+def _fmt_count(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def _fmt_time(s: Optional[float]) -> str:
+    if s is None:
+        return "?"
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def format_plan(doc: dict, jobs: int = 1) -> str:
+    rows = doc["runs"]
+    head = (f"{'run':<32} {'N (non-emb)':>11} {'tokens D':>9} {'steps':>7} {'FLOPs 6ND':>9} {'tok/s':>8} "
+            f"{'est. time':>9} {'state':>11}  data")
+    lines = [f"sweep {doc['sweep_dir']}: {len(rows)} runs on {doc['device']}"
+             + (f" via deepspeed --num_gpus {doc['num_gpus']}" if doc["deepspeed"] else ""), head]
+    for r in rows:
+        rate = _fmt_count(r["tokens_per_s"]) if r["tokens_per_s"] else "?"
+        lines.append(f"{r['name']:<32} {_fmt_count(r['params']):>11} {_fmt_count(r['tokens']):>9} {r['steps']:>7} "
+                     f"{_fmt_count(r['flops']):>9} {rate:>8} {_fmt_time(r['estimated_s']):>9} {r['state']:>11}  "
+                     f"{r['data']}")
+    sources = sorted({r["throughput_source"] for r in rows})
+    lines.append("throughput: " + "; ".join(sources))
+    known = [r["remaining_s"] for r in rows if r["remaining_s"] is not None]
+    total = sum(known)
+    unknown = sum(1 for r in rows if r["remaining_s"] is None and r["state"] != "done")
+    if not known and unknown:
+        lines.append(f"estimated training time: unknown ({unknown} runs without a throughput)")
+        return "\n".join(lines)
+    msg = f"estimated training time left: {_fmt_time(total)} run after run"
+    if jobs > 1:
+        msg += f", about {_fmt_time(total / jobs)} with --jobs {jobs} if the device is not saturated"
+    if unknown:
+        msg += f" (+ {unknown} runs without an estimate)"
+    if doc["evaluate"]:
+        msg += "; plus an evaluation after each run"
+    lines.append(msg)
+    return "\n".join(lines)
