@@ -1,14 +1,12 @@
 """Packed training: K runs trained as one stacked model give each run what train() alone gives it."""
 import json
 import os
-import random
 import shutil
 
 import pytest
 import torch
 
 from fasttrain.config import ConfigError, config_from_dict
-from fasttrain.data import prepare_dataset
 from fasttrain.model import GPT
 from fasttrain.train.checkpoint import list_checkpoints
 from fasttrain.train.packed import (
@@ -21,29 +19,10 @@ from fasttrain.train.packed import (
 from fasttrain.train.trainer import train
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-WORDS = ("the cat dog sat ran on a mat log red big small quickly slowly and then saw it was here there "
-         "who what when house tree river stone light dark old new").split()
 # (repeated_fraction, repeat_count, placement, data seed, init seed): every per-run axis of a sweep differs.
 RUNS = [(0.0, 1, "uniform", 1, 0), (0.2, 4, "uniform", 2, 1), (0.5, 8, "even", 3, 2)]
 
 
-def _documents(n_docs=500, seed=0):
-    rng = random.Random(seed)
-    docs = []
-    for _ in range(n_docs):
-        sents = []
-        for _ in range(rng.randint(3, 8)):
-            a, b, c = rng.sample(WORDS, 3)
-            sents.append(f"The {a} {b} sat on the {c}. Then the {a} ran to the {c} and saw the {b}.")
-        docs.append(" ".join(sents))
-    return docs
-
-
-@pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "tiny"
-    prepare_dataset(out, _documents(), vocab_size=300, test_fraction=0.05, seed=0, progress=False)
-    return str(out)
 
 
 def _cfg(dataset_dir, out_dir, run, **train_over):

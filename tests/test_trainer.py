@@ -2,7 +2,6 @@
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -13,32 +12,12 @@ import pytest
 import yaml
 
 from fasttrain.config import ConfigError, load_config
-from fasttrain.data import open_dataset, prepare_dataset
+from fasttrain.data import open_dataset
 from fasttrain.train.checkpoint import list_checkpoints
 from fasttrain.train.trainer import lr_at, train
 
-WORDS = ("the cat dog sat ran on a mat log red big small quickly slowly and then saw it was here there "
-         "who what when house tree river stone light dark old new").split()
 
 
-def _documents(n_docs=1000, seed=0):
-    """Template sentences: predictable structure, so a tiny model learns well below the unigram entropy."""
-    rng = random.Random(seed)
-    docs = []
-    for _ in range(n_docs):
-        sents = []
-        for _ in range(rng.randint(3, 8)):
-            a, b, c = rng.sample(WORDS, 3)
-            sents.append(f"The {a} {b} sat on the {c}. Then the {a} ran to the {c} and saw the {b}.")
-        docs.append(" ".join(sents))
-    return docs
-
-
-@pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "tiny"
-    prepare_dataset(out, _documents(), vocab_size=320, test_fraction=0.05, seed=0, progress=False)
-    return str(out)
 
 
 def _cfg(dataset_dir, out_dir, **over):

@@ -9,7 +9,6 @@ wall-clock total is at best the sum divided by N.
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -18,6 +17,7 @@ from typing import Optional
 from fasttrain.config import seq_len
 from fasttrain.sweep.grid import RunSpec, SweepSpec, expand
 from fasttrain.sweep.runner import MANIFEST, read_json, write_json_atomic
+from fasttrain.train.metrics import read_metrics
 
 THROUGHPUT = "throughput.json"
 MEASURE_WARMUP_STEPS = 2
@@ -49,18 +49,7 @@ def dataset_vocab(run: RunSpec) -> Optional[int]:
 
 def logged_throughput(run_dir: str) -> Optional[float]:
     """Median tokens/s of a run's logged steps (its first record, with start-up costs, left out)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return None
-    rates = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "tokens_per_s" in rec:
-                rates.append(float(rec["tokens_per_s"]))
+    rates = [float(r["tokens_per_s"]) for r in read_metrics(run_dir) if "tokens_per_s" in r]
     rates = rates[1:] if len(rates) > 1 else rates
     return statistics.median(rates) if rates else None
 

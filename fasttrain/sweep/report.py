@@ -14,7 +14,6 @@ SWEEP_DIR/report/ (or --out):
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from fasttrain.ladder import PRESETS, non_embedding_params
 from fasttrain.sweep.fit import FitError, ScalingFit, effective_size, fit_scaling_law
 from fasttrain.sweep.grid import SweepError, format_number
 from fasttrain.sweep.runner import MANIFEST, read_json, write_json_atomic
+from fasttrain.train.metrics import read_metrics
 
 # Optional evaluation metrics plotted against E: (key in eval results, axis label, file, title)
 EVAL_PLOTS = (
@@ -96,20 +96,12 @@ def _size_label(preset: Optional[str], params: int) -> str:
 
 def _read_curves(run_dir: str, tokens_per_step: int) -> tuple[list, list]:
     train, test = [], []
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return train, test
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            tokens = rec.get("tokens", rec.get("step", 0) * tokens_per_step)
-            if "loss" in rec:
-                train.append((tokens, rec["loss"]))
-            elif "test_loss" in rec:
-                test.append((tokens, rec["test_loss"]))
+    for rec in read_metrics(run_dir):
+        tokens = rec.get("tokens", rec.get("step", 0) * tokens_per_step)
+        if "loss" in rec:
+            train.append((tokens, rec["loss"]))
+        elif "test_loss" in rec:
+            test.append((tokens, rec["test_loss"]))
     return train, test
 
 

@@ -19,16 +19,21 @@ def checkpoint_path(run_dir: str, step: int) -> str:
 
 def save_checkpoint(run_dir: str, step: int, state: dict, keep: bool = False, protected: set[int] = frozenset()) -> str:
     """Write state atomically as the checkpoint of `step`; unless keep, delete older unprotected ones."""
-    path = checkpoint_path(run_dir, step)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    path = save_atomic(state, checkpoint_path(run_dir, step))
+    if not keep:
+        prune_checkpoints(run_dir, step, protected)
+    return path
+
+
+def save_atomic(state: dict, path: str) -> str:
+    """torch.save to a temporary file, fsync, rename: the file at `path` is always complete."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    if not keep:
-        prune_checkpoints(run_dir, step, protected)
     return path
 
 

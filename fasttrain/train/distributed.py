@@ -45,7 +45,7 @@ import time
 import torch
 
 from fasttrain.config import Config, ConfigError, config_from_dict, seq_len
-from fasttrain.train.checkpoint import checkpoint_path, list_checkpoints
+from fasttrain.train.checkpoint import checkpoint_path, list_checkpoints, save_atomic
 from fasttrain.train.device import autocast_dtype, peak_flops
 from fasttrain.train.metrics import MetricsLogger, step_record
 from fasttrain.train.trainer import (
@@ -506,14 +506,7 @@ def export_consolidated(source: str, out_path: str, dtype: str = "fp32", include
         state["optimizer"] = optimizer_state
         rng_file = os.path.join(tag_dir, "rng_rank_00000.pt")
         state["rng"] = torch.load(rng_file, weights_only=False) if os.path.exists(rng_file) else rng_state()
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = out_path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out_path)
-    return out_path
+    return save_atomic(state, out_path)
 
 
 def _universal_tensor(folder: str, name: str, key: str) -> torch.Tensor:

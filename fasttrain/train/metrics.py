@@ -20,22 +20,30 @@ def step_record(step: int, tokens_per_step: int, loss: float, lr: float, grad_no
     return record
 
 
+def read_metrics(path: str) -> list[dict]:
+    """The records of a metrics.jsonl (a run folder or the file); a line cut by a kill is skipped."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return records
+
+
 def truncate_metrics(path: str, after_step: int) -> None:
     """On resume, drop lines logged after the checkpoint by the interrupted run (rewritten atomically)."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        lines = [ln for ln in f if ln.strip()]
-    kept = []
-    for ln in lines:
-        try:
-            if json.loads(ln).get("step", 0) <= after_step:
-                kept.append(ln)
-        except json.JSONDecodeError:  # a line cut by the kill
-            pass
+    kept = [r for r in read_metrics(path) if r.get("step", 0) <= after_step]
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        f.writelines(kept)
+        f.writelines(json.dumps(r) + "\n" for r in kept)
     os.replace(tmp, path)
 
 
