@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fasttrain.kernels.cross_entropy import cross_entropy
+from references import cross_entropy_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -17,18 +18,7 @@ GRAD_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 def reference(logits, targets, ignore_index, reduction, z_loss):
     """float64 cross-entropy + z_loss * lse^2 over valid rows."""
-    logits = logits.double()
-    valid = targets != ignore_index
-    lse = torch.logsumexp(logits, dim=-1)
-    losses = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none")
-    z_terms = torch.where(valid, z_loss * lse**2, 0.0)
-    if reduction == "none":
-        return losses + z_terms, z_terms
-    total, z_total = (losses + z_terms).sum(), z_terms.sum()
-    if reduction == "mean":
-        count = valid.sum().clamp_min(1)
-        total, z_total = total / count, z_total / count
-    return total, z_total
+    return cross_entropy_reference(logits.double(), targets, ignore_index, reduction, z_loss)
 
 
 def make_targets(n, v, pattern, ignore_index=-100, seed=0):

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fasttrain.kernels.linear_cross_entropy import default_chunk_size, linear_cross_entropy
+from references import cross_entropy_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LOW_PRECISION = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -26,17 +27,7 @@ def reference(hidden, weight, bias, targets, ignore_index, reduction, z_loss, up
     if bias is not None:
         logits = logits + bias
     logits = logits.double() if upcast else logits.float()
-    valid = targets != ignore_index
-    lse = torch.logsumexp(logits, dim=-1)
-    losses = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none")
-    z_terms = torch.where(valid, z_loss * lse**2, 0.0)
-    if reduction == "none":
-        return losses + z_terms, z_terms
-    total, z_total = (losses + z_terms).sum(), z_terms.sum()
-    if reduction == "mean":
-        count = valid.sum().clamp_min(1)
-        total, z_total = total / count, z_total / count
-    return total, z_total
+    return cross_entropy_reference(logits, targets, ignore_index, reduction, z_loss)
 
 
 def make_inputs(n, d, v, dtype, with_bias, pattern, ignore_index=-100, seed=0):
