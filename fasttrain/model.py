@@ -160,8 +160,10 @@ class GPT(nn.Module):
         if self.loss_backend == "triton":
             from fasttrain.kernels import linear_cross_entropy
 
+            # On a GPU the range check would sync with the host every step; F.cross_entropy does not check
+            # there either. An out-of-range target then shows as a NaN loss.
             loss = linear_cross_entropy(x.reshape(-1, self.d_model), self.wte.weight, targets.reshape(-1),
-                                        reduction=reduction)
+                                        reduction=reduction, validate_targets=x.device.type != "cuda")
         else:
             logits = F.linear(x, self.wte.weight)
             loss = F.cross_entropy(logits.float().view(-1, self.vocab_size), targets.reshape(-1), reduction=reduction)

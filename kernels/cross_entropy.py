@@ -42,6 +42,9 @@ def cross_entropy_kernel(
     logits_row = logits_ptr + row * logits_row_stride
     target = tl.load(targets_ptr + row)
     valid = target != ignore_index
+    # A target outside [0, n_cols) (possible only when the caller skipped the host-side check) reads no
+    # memory out of bounds: its loss and gradient row become NaN, which the training loop reports.
+    in_range = (target >= 0) & (target < n_cols)
     cols = tl.arange(0, BLOCK_V)
 
     if COMPUTE_LSE:
@@ -55,8 +58,8 @@ def cross_entropy_kernel(
             row_max = new_max
         lse = row_max + tl.log(sum_exp)
         # Ignored rows still get their true lse stored: the gradient pass divides by it safely.
-        target_logit = tl.load(logits_row + tl.where(valid, target, 0)).to(tl.float32)
-        loss = tl.where(valid, lse - target_logit + z_loss * lse * lse, 0.0)
+        target_logit = tl.load(logits_row + tl.where(valid & in_range, target, 0)).to(tl.float32)
+        loss = tl.where(valid, tl.where(in_range, lse - target_logit + z_loss * lse * lse, float("nan")), 0.0)
         tl.store(loss_ptr + row, loss)
         tl.store(lse_ptr + row, lse)
     else:
@@ -75,7 +78,7 @@ def cross_entropy_kernel(
             mask = offs < n_cols
             x = tl.load(logits_row + offs, mask=mask, other=0.0).to(tl.float32)
             grad = tl.exp(x - lse) * softmax_coef - tl.where(offs == target, scale, 0.0)
-            grad = tl.where(valid, grad, 0.0)
+            grad = tl.where(valid, tl.where(in_range, grad, float("nan")), 0.0)
             tl.store(grad_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
@@ -131,15 +134,17 @@ def _interpreter_on():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def check_targets(targets, n_classes, ignore_index):
+def check_targets(targets, n_classes, ignore_index, validate=True):
     """Raise ValueError on a target outside [0, n_classes) that is not ignore_index.
 
-    One reduction on the device and one host sync. Returns (valid mask, number of valid targets as a
-    device tensor).
+    One reduction on the device and one host sync; validate=False skips both (the kernel then turns an
+    out-of-range target's loss into NaN). Returns (valid mask, number of valid targets as a device tensor).
     """
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise ValueError(f"targets must be an integer tensor of class indices, got {targets.dtype}")
     valid = targets != ignore_index
+    if not validate:
+        return valid, valid.sum()
     out_of_range = valid & ((targets < 0) | (targets >= n_classes))
     if bool(out_of_range.any()):
         bad = targets[out_of_range][0].item()
@@ -174,8 +179,8 @@ def grad_scale_for(grad_output, n_valid, reduction):
 
 class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index, reduction, z_loss, inplace_backward):
-        valid, n_valid = check_targets(targets, logits.shape[1], ignore_index)
+    def forward(ctx, logits, targets, ignore_index, reduction, z_loss, inplace_backward, validate_targets):
+        valid, n_valid = check_targets(targets, logits.shape[1], ignore_index, validate_targets)
         n_rows = logits.shape[0]
         losses = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
         lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
@@ -192,11 +197,11 @@ class CrossEntropyFunction(torch.autograd.Function):
         grad_scale = grad_scale_for(grad_loss, n_valid, ctx.reduction)
         grad = logits if ctx.inplace_backward else torch.empty_like(logits)
         launch_cross_entropy(logits, targets, ctx.ignore_index, ctx.z_loss, lse=lse, grad=grad, grad_scale=grad_scale)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
-# Run eagerly under torch.compile: the target check syncs with the host and Dynamo cannot trace the
-# Triton interpreter; the graph breaks here and the loss and gradients stay exact.
+# Run eagerly under torch.compile: Dynamo cannot trace the Triton interpreter (nor the target check's host
+# sync); the graph breaks here and the loss and gradients stay exact.
 @torch.compiler.disable
 def cross_entropy(
     logits,
@@ -206,6 +211,7 @@ def cross_entropy(
     z_loss=0.0,
     return_z_loss=False,
     inplace_backward=False,
+    validate_targets=True,
 ):
     """Cross-entropy of `logits` (N, V) against `targets` (N,) of class indices, in fp32.
 
@@ -219,6 +225,9 @@ def cross_entropy(
     differentiable).
     inplace_backward: write the gradient over `logits` in the backward pass instead of allocating a new
     tensor (saves N x V memory; the logits are no longer valid after backward).
+    validate_targets: raise ValueError on a target outside [0, V) (one host sync per call). False skips
+    the check and its sync, for callers whose targets are known to be in range (a training loop); an
+    out-of-range target then gives a NaN loss, never an out-of-bounds read.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -232,7 +241,8 @@ def cross_entropy(
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     targets = targets.reshape(-1).contiguous()
-    loss, z_term = CrossEntropyFunction.apply(logits, targets, ignore_index, reduction, float(z_loss), inplace_backward)
+    loss, z_term = CrossEntropyFunction.apply(logits, targets, ignore_index, reduction, float(z_loss), inplace_backward,
+                                              validate_targets)
     if reduction == "none":
         loss, z_term = loss.reshape(out_shape), z_term.reshape(out_shape)
     return (loss, z_term) if return_z_loss else loss

@@ -106,10 +106,11 @@ def _chunked_pass(hidden, weight, bias, targets, ignore_index, z_loss, chunk_siz
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ignore_index, reduction, z_loss, chunk_size, grad_enabled):
+    def forward(ctx, hidden, weight, bias, targets, ignore_index, reduction, z_loss, chunk_size, grad_enabled,
+                validate_targets):
         # needs_input_grad ignores torch.no_grad(): the caller's grad mode decides whether to build grads.
         needs = tuple(bool(n and grad_enabled) for n in ctx.needs_input_grad[:3])
-        valid, n_valid = check_targets(targets, weight.shape[0], ignore_index)
+        valid, n_valid = check_targets(targets, weight.shape[0], ignore_index, validate_targets)
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(losses)
         fused = reduction != "none"  # gradients finished now; "none" waits for the per-token grads
@@ -157,11 +158,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 grad_weight = grad_weight.to(weight.dtype)
             if grad_bias is not None:
                 grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
-# Run eagerly under torch.compile: the target check syncs with the host and Dynamo cannot trace the
-# Triton interpreter; the graph breaks here and the loss and gradients stay exact.
+# Run eagerly under torch.compile: Dynamo cannot trace the Triton interpreter (nor the target check's host
+# sync); the graph breaks here and the loss and gradients stay exact.
 @torch.compiler.disable
 def linear_cross_entropy(
     hidden,
@@ -173,6 +174,7 @@ def linear_cross_entropy(
     z_loss=0.0,
     return_z_loss=False,
     chunk_size=None,
+    validate_targets=True,
 ):
     """Cross-entropy of hidden @ weight.T + bias against targets, computed in chunks of tokens.
 
@@ -186,6 +188,9 @@ def linear_cross_entropy(
     return_z_loss: also return the z-loss term alone (already included in the loss; for logging, not
     differentiable).
     chunk_size: tokens per chunk; by default 4096 (fewer when V > 64k). Peak extra memory ~ chunk_size x V.
+    validate_targets: raise ValueError on a target outside [0, V) (one host sync per call). False skips
+    the check and its sync, for callers whose targets are known to be in range (a training loop); an
+    out-of-range target then gives a NaN loss, never an out-of-bounds read.
     Under autocast, hidden, weight and bias are cast to the autocast dtype first. The loss is fp32.
     """
     if reduction not in REDUCTIONS:
@@ -214,7 +219,8 @@ def linear_cross_entropy(
     chunk_size = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0])
     with torch.autocast(device_type, enabled=False):
         loss, z_term = LinearCrossEntropyFunction.apply(
-            hidden, weight, bias, targets, ignore_index, reduction, float(z_loss), chunk_size, torch.is_grad_enabled()
+            hidden, weight, bias, targets, ignore_index, reduction, float(z_loss), chunk_size, torch.is_grad_enabled(),
+            validate_targets,
         )
     if reduction == "none":
         loss, z_term = loss.reshape(out_shape), z_term.reshape(out_shape)

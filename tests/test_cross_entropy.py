@@ -125,6 +125,25 @@ def test_out_of_range_target_raises(bad):
         cross_entropy(logits, targets)
 
 
+@pytest.mark.parametrize("bad", [300, -5])
+def test_unvalidated_out_of_range_target_gives_nan_row(bad):
+    # validate_targets=False skips the host sync; the bad row must turn NaN (no out-of-bounds read)
+    # while every other row keeps its exact loss and gradient.
+    logits = torch.randn(6, 300, device=DEVICE, requires_grad=True)
+    targets = torch.randint(0, 300, (6,), device=DEVICE)
+    targets[4] = bad
+    losses = cross_entropy(logits, targets, reduction="none", validate_targets=False)
+    losses.sum().backward()
+    good = torch.arange(6, device=DEVICE) != 4
+    assert torch.isnan(losses[4]) and torch.isnan(logits.grad[4]).all()
+    ref_logits = logits.detach()[good].double().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(ref_logits, targets[good], reduction="none")
+    ref.sum().backward()
+    torch.testing.assert_close(losses[good].double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits.grad[good].double(), ref_logits.grad, atol=1e-6, rtol=1e-5)
+    assert torch.isnan(cross_entropy(logits.detach(), targets, validate_targets=False))
+
+
 def test_float_targets_raise():
     with pytest.raises(ValueError, match="integer"):
         cross_entropy(torch.randn(4, 10, device=DEVICE), torch.zeros(4, device=DEVICE))

@@ -173,6 +173,19 @@ def test_out_of_range_target_raises(bad):
         linear_cross_entropy(hidden, weight, targets)
 
 
+def test_unvalidated_out_of_range_target_gives_nan():
+    # validate_targets=False (what the trainer uses on a GPU: no host sync) must not read out of bounds:
+    # the loss becomes NaN, which the training loop reports, and the other tokens' losses stay exact.
+    hidden, weight, _, targets, _ = make_inputs(30, 16, 50, torch.float32, False, "none")
+    targets[7] = 50
+    losses = linear_cross_entropy(hidden, weight, targets, reduction="none", validate_targets=False)
+    good = torch.arange(30, device=targets.device) != 7
+    ref, _ = reference(hidden.detach()[good], weight.detach(), None, targets[good], -100, "none", 0.0)
+    assert torch.isnan(losses[7])
+    torch.testing.assert_close(losses[good].double(), ref.double(), atol=1e-5, rtol=1e-5)
+    assert torch.isnan(linear_cross_entropy(hidden, weight, targets, validate_targets=False))
+
+
 def test_bad_arguments_raise():
     hidden, weight, _, targets, _ = make_inputs(8, 16, 50, torch.float32, False, "none")
     with pytest.raises(ValueError, match="reduction"):
