@@ -44,10 +44,10 @@ from benchmarks.common import (  # noqa: E402
     time_ms,
     write_results,
 )
-from fasttrain.config import config_from_dict  # noqa: E402
+from fasttrain.config import COMPILE_MODES as TRAIN_COMPILE_MODES, config_from_dict  # noqa: E402
 from fasttrain.ladder import PRESETS  # noqa: E402
 from fasttrain.model import GPT  # noqa: E402
-from fasttrain.train.device import autocast, measured_matmul_flops, peak_flops  # noqa: E402
+from fasttrain.train.device import autocast, compiled, measured_matmul_flops, peak_flops  # noqa: E402
 from fasttrain.train.packed import (  # noqa: E402
     PackedGPT,
     clip_grad_norm_per_model,
@@ -56,7 +56,7 @@ from fasttrain.train.packed import (  # noqa: E402
 )
 from fasttrain.train.trainer import build_model, make_optimizer  # noqa: E402
 
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_MODES = ("off",) + TRAIN_COMPILE_MODES
 ROW_KEY = ("part", "preset", "impl", "attention", "loss", "compile", "K", "batch", "seq_len", "vocab_size")
 
 
@@ -109,14 +109,9 @@ def run_config(preset, attention, loss, batch, micro, seq_len, vocab, compile_mo
         "model": {"preset": preset, "attention": attention, "loss": loss, "vocab_size": vocab},
         "data": {"seq_len": seq_len},
         "optim": {"warmup_steps": 0},
-        "train": {"steps": 100, "global_batch": batch, "micro_batch": micro, "compile": compile_mode != "off"},
+        "train": {"steps": 100, "global_batch": batch, "micro_batch": micro, "compile": compile_mode != "off",
+                  "compile_mode": "default" if compile_mode == "off" else compile_mode},
     })
-
-
-def compiled(fn, mode):
-    if mode == "off":
-        return fn
-    return torch.compile(fn) if mode == "default" else torch.compile(fn, mode=mode)
 
 
 def single_step(impl, preset, attention, loss, batch, micro, seq_len, vocab, mode, device, amp):

@@ -21,6 +21,9 @@ from typing import Any, Optional
 import yaml
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 class ConfigError(ValueError):
     """A bad configuration value; the message names the key and what to change."""
 
@@ -71,6 +74,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     compile: bool = False  # torch.compile the model
+    # torch.compile mode: default | reduce-overhead (CUDA graphs: for small, launch-bound models) |
+    # max-autotune | max-autotune-no-cudagraphs
+    compile_mode: str = "default"
     out_dir: str = "runs/default"
     log_every: int = 10
     checkpoint_every: int = 0  # 0: only at the end
@@ -281,6 +287,8 @@ def validate(cfg: Config) -> None:
                f"train.micro_batch: {t.micro_batch} must divide train.global_batch ({t.global_batch})")
     _check(t.device in ("auto", "cpu", "cuda"), f"train.device: '{t.device}' is not one of auto, cpu, cuda")
     _check(t.precision in ("auto", "bf16", "fp32"), f"train.precision: '{t.precision}' is not one of auto, bf16, fp32")
+    _check(t.compile_mode in COMPILE_MODES,
+           f"train.compile_mode: '{t.compile_mode}' is not one of {', '.join(COMPILE_MODES)}")
     for k in ("log_every", "checkpoint_every", "eval_every", "eval_tokens"):
         _check(getattr(t, k) >= 0, f"train.{k}: {getattr(t, k)} must be >= 0")
     _check(t.log_every >= 1, f"train.log_every: {t.log_every} must be at least 1")

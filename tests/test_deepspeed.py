@@ -202,6 +202,15 @@ def test_zero_stage_matches_single_process(stage, zero_run, plain):
 
 
 @pytest.mark.timeout(300)
+def test_compiled_zero_run_matches_single_process(root, plain):
+    # train.compile under DeepSpeed compiles the engine's module in place; same losses up to reordered sums.
+    run_dir = str(root / "zero2-compiled")
+    tree = config_tree(str(root / "data"), run_dir, 2, compile=True, compile_mode="max-autotune-no-cudagraphs")
+    run_launched(tree, root / "zero2-compiled.yaml")
+    assert_same_losses(run_dir, plain, range(1, STEPS + 1))
+
+
+@pytest.mark.timeout(300)
 def test_killed_run_resumes_from_its_last_complete_checkpoint(root, plain):
     run_dir = str(root / "killed")
     config_path = write_config(config_tree(str(root / "data"), run_dir, 2, checkpoint_every=2, keep_checkpoints=False),

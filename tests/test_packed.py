@@ -97,6 +97,17 @@ def test_packed_runs_equal_separate_runs(dataset_dir, separate_runs, tmp_path):
     assert len({round(_losses(d)[-1], 4) for d in packed_dirs}) == len(RUNS)
 
 
+def test_compiled_pack_equals_separate_runs(dataset_dir, separate_runs, tmp_path):
+    # train.compile on a pack compiles the stacked model and the per-model clipping: same losses.
+    dirs, summaries = separate_runs
+    packed_dirs = [str(tmp_path / f"run{i}") for i in range(len(RUNS))]
+    packed_summaries = train_packed([_cfg(dataset_dir, d, run, compile=True, compile_mode="max-autotune-no-cudagraphs")
+                                     for d, run in zip(packed_dirs, RUNS)])
+    for alone, packed, s_alone, s_packed in zip(dirs, packed_dirs, summaries, packed_summaries):
+        assert _losses(packed) == pytest.approx(_losses(alone), rel=1e-4)
+        assert s_packed["test_loss"] == pytest.approx(s_alone["test_loss"], rel=1e-4)
+
+
 def _simulate_kill(run_dir, keep_up_to):
     """What a kill after the checkpoint of step keep_up_to leaves: later checkpoints and final.json gone
     (metrics.jsonl keeps its later lines; a resume must drop them)."""

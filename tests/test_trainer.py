@@ -74,6 +74,16 @@ def test_micro_batching_does_not_change_the_result(dataset_dir, tmp_path):
     assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)
 
 
+def test_compiled_training_matches_eager(dataset_dir, tmp_path):
+    # train.compile runs the same step through torch.compile (inductor): same losses up to reordered sums.
+    eager = train(load_config(_write_cfg(tmp_path, _cfg(dataset_dir, tmp_path / "eager", train__steps=6))))
+    tree = _cfg(dataset_dir, tmp_path / "compiled", train__steps=6, train__compile=True,
+                train__compile_mode="max-autotune-no-cudagraphs")
+    compiled = train(load_config(_write_cfg(tmp_path, tree)))
+    assert _losses(str(tmp_path / "compiled")) == pytest.approx(_losses(str(tmp_path / "eager")), rel=1e-4)
+    assert compiled["test_loss"] == pytest.approx(eager["test_loss"], rel=1e-4)
+
+
 def _run_cli(args, **kw):
     return subprocess.run([sys.executable, "-m", "fasttrain.cli", *args], capture_output=True, text=True, **kw)
 

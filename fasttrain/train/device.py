@@ -1,4 +1,4 @@
-"""Device, precision and the device's peak FLOP rate (for MFU)."""
+"""Device, precision, torch.compile and the device's peak FLOP rate (for MFU)."""
 from __future__ import annotations
 
 import contextlib
@@ -43,6 +43,13 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def compiled(fn, mode: str | None):
+    """torch.compile(fn) in `mode` (see config.COMPILE_MODES); None or "off": fn itself."""
+    if mode in (None, "off"):
+        return fn
+    return torch.compile(fn) if mode == "default" else torch.compile(fn, mode=mode)
 
 
 def measured_matmul_flops(device: torch.device, n: int = 8192, iters: int = 10) -> float:

@@ -340,6 +340,8 @@ def train_distributed(cfg: Config, resume: bool = False) -> dict:
             ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
 
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if t.compile:  # compiles the module in place (nn.Module.compile): state dict names are unchanged
+        engine.compile(compile_kwargs={} if t.compile_mode == "default" else {"mode": t.compile_mode})
     reapply_hyperparameters = _base_optimizer_fixups(optimizer)
     if found is not None:
         step, tag_dir = found

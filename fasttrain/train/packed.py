@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from fasttrain.config import Config, ConfigError, config_from_dict, seq_len
 from fasttrain.model import GPT, causal_attention
 from fasttrain.train.checkpoint import checkpoint_path, list_checkpoints, prune_checkpoints, save_checkpoint
-from fasttrain.train.device import autocast, autocast_dtype, peak_flops, resolve_device
+from fasttrain.train.device import autocast, autocast_dtype, compiled, peak_flops, resolve_device
 from fasttrain.train.metrics import MetricsLogger
 from fasttrain.train.trainer import (
     check_same_config,
@@ -219,7 +219,8 @@ class PackedLinearCrossEntropy(torch.autograd.Function):
 
         K, N, _ = hidden.shape
         V = weight.shape[1]
-        valid, _ = check_targets(targets, V, -100)  # one host sync for the whole pack
+        # the range check syncs with the host: on a GPU it is skipped, as in GPT.forward
+        valid, _ = check_targets(targets, V, -100, validate=hidden.device.type != "cuda")
         counts = valid.sum(dim=1).clamp_min(1).to(torch.float32)
         grad_scale = (1.0 / counts).repeat_interleave(N)  # per token: 1 / its model's count
         needs = grad_enabled and any(ctx.needs_input_grad[:2])
@@ -262,7 +263,8 @@ def packed_linear_cross_entropy(hidden, weight, targets):
     K, N, _ = hidden.shape
     models_per_chunk = LOGITS_PER_CHUNK // (N * weight.shape[1])
     if models_per_chunk < 1:  # one model's logits alone pass the budget: its token-chunked kernel, model by model
-        return torch.stack([linear_cross_entropy(hidden[k], weight[k], targets[k]) for k in range(K)])
+        return torch.stack([linear_cross_entropy(hidden[k], weight[k], targets[k],
+                                                 validate_targets=hidden.device.type != "cuda") for k in range(K)])
     with torch.autocast(device_type, enabled=False):
         return PackedLinearCrossEntropy.apply(hidden.contiguous(), weight, targets.contiguous(), models_per_chunk,
                                               torch.is_grad_enabled())
@@ -424,8 +426,9 @@ def train_packed(cfgs: list[Config], resume: bool = False) -> list[dict]:
     for c in cfgs:
         os.makedirs(c.train.out_dir, exist_ok=True)
         c.save(os.path.join(c.train.out_dir, "config.yaml"))
-    step_model = torch.compile(packed) if t.compile else packed
-    clip_fn = torch.compile(clip_grad_norm_per_model) if t.compile else clip_grad_norm_per_model
+    compile_mode = t.compile_mode if t.compile else None
+    step_model = compiled(packed, compile_mode)
+    clip_fn = compiled(clip_grad_norm_per_model, compile_mode)
     with torch.device("meta"):  # one plain GPT that each run's weights are copied into to evaluate and save
         single = GPT.from_config(cfg.model, vocab)
     single = single.to_empty(device=device)

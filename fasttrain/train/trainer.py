@@ -21,7 +21,7 @@ from fasttrain.config import Config, ConfigError, config_from_dict, seq_len
 from fasttrain.data.sampler import open_training_stream
 from fasttrain.model import GPT
 from fasttrain.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
-from fasttrain.train.device import autocast, autocast_dtype, peak_flops, resolve_device
+from fasttrain.train.device import autocast, autocast_dtype, compiled, peak_flops, resolve_device
 from fasttrain.train.metrics import MetricsLogger, step_record
 
 
@@ -117,7 +117,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
             start_step = ckpt["step"]
     os.makedirs(run_dir, exist_ok=True)
     cfg.save(os.path.join(run_dir, "config.yaml"))
-    step_fn_model = torch.compile(model) if t.compile else model
+    step_fn_model = compiled(model, t.compile_mode if t.compile else None)
 
     flops_per_step = model.flops_per_token(T) * t.global_batch * T
     peak = peak_flops(device)
