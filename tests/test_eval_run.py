@@ -218,3 +218,23 @@ def test_eval_command_writes_one_document_per_checkpoint(setup, tmp_path, capsys
     assert "test loss" in table and "induction (prefix matching)" in table and path in table
     run_cli(["eval", setup["run"], "--all", "--tokens", "128", "--metrics", "test", "--json", str(tmp_path / "out")])
     assert sorted(os.listdir(tmp_path / "out")) == ["eval_step_0000005.json", "eval_step_0000010.json"]
+
+
+def test_eval_command_takes_several_runs(setup, tmp_path, capsys):
+    # Two run folders in one process, each document written where {run} says.
+    other = str(tmp_path / "other")
+    shutil.copytree(setup["run"], other)
+    shutil.rmtree(os.path.join(other, "checkpoints"))
+    model = GPT.from_config(setup["cfg"].model, setup["dataset"].vocab_size)  # other weights: another result
+    save_checkpoint(other, 7, {"model": model.state_dict(), "optimizer": {}, "step": 7, "rng": {},
+                               "config": setup["cfg"].to_dict(), "vocab_size": setup["dataset"].vocab_size})
+    with pytest.raises(ValueError, match=r"\{run\}"):
+        run_cli(["eval", setup["run"], other, "--json", str(tmp_path / "one.json")])
+    run_cli(["eval", setup["run"], other + "/", "--tokens", "256", "--metrics", "test", "--device", "cpu",
+             "--json", "{run}/eval.json"])
+    docs = [json.load(open(os.path.join(d, "eval.json"))) for d in (setup["run"], other)]
+    assert [d["step"] for d in docs] == [10, 7]
+    assert docs[0]["results"]["test_loss"] != docs[1]["results"]["test_loss"]
+    single = str(tmp_path / "single.json")
+    run_cli(["eval", other, "--tokens", "256", "--metrics", "test", "--device", "cpu", "--json", single])
+    assert json.load(open(single))["results"]["test_loss"] == docs[1]["results"]["test_loss"]

@@ -10,16 +10,23 @@ def cmd_eval(args) -> None:
     from fasttrain.eval.run import evaluate_checkpoint, format_table, parse_metrics, resolve_checkpoint
 
     parse_metrics(args.metrics)  # a typo fails before any model is loaded
-    if args.all:
-        if not os.path.isdir(args.checkpoint):
-            raise ValueError(f"--all evaluates every checkpoint of a run folder; {args.checkpoint} is not a folder")
-        paths = list(reversed(resolve_checkpoint(args.checkpoint)))  # oldest first
-    else:
-        paths = [args.checkpoint]
-    for i, path in enumerate(paths):
-        out = args.json
-        if args.all and out:
-            out = os.path.join(out, "eval_" + os.path.splitext(os.path.basename(path))[0] + ".json")
+    # Several runs in one process: the interpreter, CUDA context and tuned kernels are paid for once.
+    several = len(args.checkpoint) > 1
+    if args.json and several and "{run}" not in args.json:
+        raise ValueError(f"--json {args.json}: with several checkpoints, write a path with {{run}} in it "
+                         "(e.g. '{run}/eval.json'), or leave --json out")
+    jobs = []  # (checkpoint path, output path or None for the default)
+    for source in args.checkpoint:
+        out = args.json.replace("{run}", source.rstrip("/")) if args.json else None
+        if args.all:
+            if not os.path.isdir(source):
+                raise ValueError(f"--all evaluates every checkpoint of a run folder; {source} is not a folder")
+            for path in reversed(resolve_checkpoint(source)):  # oldest first
+                name = "eval_" + os.path.splitext(os.path.basename(path))[0] + ".json"
+                jobs.append((path, os.path.join(out, name) if out else None))
+        else:
+            jobs.append((source, out))
+    for i, (path, out) in enumerate(jobs):
         doc, written = evaluate_checkpoint(path, dataset_path=args.dataset, metrics=args.metrics, tokens=args.tokens,
                                            out=out, device=args.device, config=args.config)
         if i:
@@ -41,13 +48,16 @@ def cmd_export(args) -> None:
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "eval", help="evaluate a checkpoint: test loss, memorization, copying, induction heads",
-        description="Evaluate a checkpoint (a .pt file, or a run folder: its newest checkpoint) and write one "
+        description="Evaluate checkpoints (.pt files, or run folders: their newest checkpoint) and write one "
                     "JSON document per checkpoint (default: eval_step_NNNNNNN.json next to it).",
     )
-    p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN")
+    p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN", nargs="+",
+                   help="one or more; several are evaluated in one process, one after the other")
     p.add_argument("--dataset", help="prepared dataset folder (default: the run's data.path)")
     p.add_argument("--tokens", type=int, help="tokens per loss metric (default: the run's train.eval_tokens)")
-    p.add_argument("--json", metavar="OUT", help="where to write the JSON document (a folder with --all)")
+    p.add_argument("--json", metavar="OUT",
+                   help="where to write the JSON document (a folder with --all); with several checkpoints a path "
+                        "containing {run}, replaced by each argument (e.g. '{run}/eval.json')")
     p.add_argument("--metrics", help=f"comma-separated subset of {','.join(ALL_METRICS)} (default: all)")
     p.add_argument("--all", action="store_true", help="evaluate every checkpoint of the run folder")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
