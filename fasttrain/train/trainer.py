@@ -88,6 +88,31 @@ def is_checkpoint_step(step: int, cfg: Config) -> bool:
     return t.checkpoint_log_spaced and step & (step - 1) == 0
 
 
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor, micro_batch: int,
+               lr: float, grad_clip: float, amp_dtype: torch.dtype | None = None, step_model=None):
+    """One optimizer step: forward and backward of every micro-batch (gradients accumulated as the mean
+    over the batch), clipping, AdamW, zero_grad.
+
+    tokens (global_batch, T + 1) on the model's device; step_model: the module to call for the loss (e.g.
+    torch.compile(model)), default model. Returns the mean loss and the pre-clip gradient norm as device
+    tensors: nothing here waits for the GPU.
+    """
+    step_model = model if step_model is None else step_model
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    accum = tokens.shape[0] // micro_batch
+    loss_sum = torch.zeros((), device=tokens.device)
+    for chunk in tokens.split(micro_batch):
+        with autocast(tokens.device, amp_dtype):
+            loss = step_model(chunk[:, :-1], chunk[:, 1:])
+        (loss / accum).backward()
+        loss_sum += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / accum, grad_norm
+
+
 def train(cfg: Config, resume: bool = False) -> dict:
     """Run (or resume) the training described by cfg; returns the final metrics."""
     t = cfg.train
@@ -95,7 +120,6 @@ def train(cfg: Config, resume: bool = False) -> dict:
     device = resolve_device(t.device)
     amp_dtype = autocast_dtype(t.precision, device)
     micro = t.micro_batch or t.global_batch
-    accum = t.global_batch // micro
     T = seq_len(cfg)
 
     existing = list_checkpoints(run_dir)
@@ -117,7 +141,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
             start_step = ckpt["step"]
     os.makedirs(run_dir, exist_ok=True)
     cfg.save(os.path.join(run_dir, "config.yaml"))
-    step_fn_model = compiled(model, t.compile_mode if t.compile else None)
+    step_model = compiled(model, t.compile_mode if t.compile else None)
 
     flops_per_step = model.flops_per_token(T) * t.global_batch * T
     peak = peak_flops(device)
@@ -130,22 +154,12 @@ def train(cfg: Config, resume: bool = False) -> dict:
     batches = stream.iter_batches(start_step, t.steps - start_step, t.global_batch, prefetch=0)
     for step in range(start_step, t.steps):
         lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         tokens = next(batches).to(device, non_blocking=True)
-        loss_sum = torch.zeros((), device=device)
-        for chunk in tokens.split(micro):
-            with autocast(device, amp_dtype):
-                loss = step_fn_model(chunk[:, :-1], chunk[:, 1:])
-            (loss / accum).backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss, grad_norm = train_step(model, optimizer, tokens, micro, lr, cfg.optim.grad_clip, amp_dtype, step_model)
         done = step + 1
 
         if done % t.log_every == 0 or done == t.steps:
-            loss_value = (loss_sum / accum).item()  # the only host sync of a step, and only when logging
+            loss_value = loss.item()  # the only host sync of a step, and only when logging
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"loss is {loss_value} at step {done}: lower optim.lr or check the data")
             logger.log(step_record(done, t.global_batch * T, loss_value, lr, grad_norm, done - tick_step,
