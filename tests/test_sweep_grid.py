@@ -102,18 +102,18 @@ def test_commands_plain_deepspeed_and_eval(tmp_path):
     spec = spec_from_dict(sweep_tree(tmp_path))
     run = expand(spec)[0]
     config = os.path.join(run.run_dir, "config.yaml")
-    assert train_command(run, spec) == [sys.executable, "-m", "fasttrain.cli", "train", "--config", config, "--resume"]
+    assert train_command([run], spec) == [sys.executable, "-m", "fasttrain.cli", "train", "--config", config, "--resume"]
     tree = sweep_tree(tmp_path, num_gpus=4)
     spec4 = spec_from_dict(tree)
-    cmd = train_command(expand(spec4)[0], spec4)
+    cmd = train_command(expand(spec4)[:1], spec4)
     assert os.path.basename(cmd[0]) == "deepspeed"
     assert cmd[1:3] == ["--num_gpus", "4"] and cmd[3] == "--master_port"
     assert cmd[5:] == ["--module", "fasttrain.cli", "train", "--config", config, "--resume"]
     tree = sweep_tree(tmp_path)
     tree["base"]["deepspeed"] = {"zero_stage": 2}
     assert spec_from_dict(tree).uses_deepspeed
-    assert eval_command(run, ["test", "copying"])[-2:] == ["--metrics", "test,copying"]
-    assert eval_command(run, True)[3:5] == ["eval", run.run_dir]
+    assert eval_command([run], ["test", "copying"])[-2:] == ["--metrics", "test,copying"]
+    assert eval_command([run], True)[3:] == ["eval", run.run_dir, "--json", os.path.join("{run}", "eval.json")]
     with pytest.raises(SweepError, match="not a metric"):
         spec_from_dict(sweep_tree(tmp_path, evaluate=["test", "perplexity"]))
 

@@ -13,10 +13,10 @@ def cmd_sweep(args) -> None:
     if args.dry_run:
         from fasttrain.sweep.plan import format_plan, plan
 
-        print(format_plan(plan(spec, args.out, measure=not args.no_measure), jobs=args.jobs))
+        print(format_plan(plan(spec, args.out, measure=not args.no_measure, pack=args.pack), jobs=args.jobs))
         return
     try:
-        result = run_sweep(spec, args.out, jobs=args.jobs, progress=not args.quiet)
+        result = run_sweep(spec, args.out, jobs=args.jobs, progress=not args.quiet, pack=args.pack)
     except KeyboardInterrupt:
         sys.exit(130)
     print(f"{len(result.runs) - len(result.failed)} of {len(result.runs)} runs done in {result.sweep_dir}; "
@@ -56,14 +56,17 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "sweep", help="run a grid of models (sizes x repeated fraction x repeat count x seeds), resumably",
         description="Expand a sweep file into runs (f = 0 baselines added automatically) and train every run "
-                    "not finished yet, each in its own subprocess; re-run the same command after a crash or "
-                    "a kill to continue.",
+                    "not finished yet, each in its own subprocess (or up to K same-shape runs per subprocess "
+                    "with --pack K); re-run the same command after a crash or a kill to continue.",
     )
     p.add_argument("sweep", metavar="SWEEP.yaml", help="sweep file: base config, grid axes, token budget, out_dir")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (N, tokens, FLOPs, estimated time) without training")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs trained at once (several small runs share one GPU; default 1)")
+    p.add_argument("--pack", type=int, default=None, metavar="K",
+                   help="train up to K same-shape runs together as one stacked model in one process, so that "
+                        "small models fill a GPU (overrides the sweep file's pack; default 1)")
     p.add_argument("--out", metavar="DIR", help="sweep folder (default: the sweep file's out_dir)")
     p.add_argument("--no-measure", action="store_true",
                    help="with --dry-run: do not time steps to estimate throughput")

@@ -21,6 +21,8 @@ token budget per size and an output folder:
     num_gpus: 1                         # > 1 (or base deepspeed.zero_stage > 0): runs go through the deepspeed launcher
     evaluate: false                     # true: run `fasttrain eval` after each run (all metrics), or a list
                                         # of metrics, e.g. [test, repeated, copying, induction]
+    pack: 1                             # > 1: train up to this many same-shape runs together as one stacked
+                                        # model in one process (small models on a GPU); ignored with deepspeed
 
 Relative paths (out_dir, base data.path) are relative to the current directory, as for `fasttrain train`;
 run configs store them absolute. Run names are stable and readable: `340k_f0.1_E8_uniform_s0`, and
@@ -39,7 +41,7 @@ import yaml
 from fasttrain.config import Config, ConfigError, config_from_dict, seq_len
 from fasttrain.ladder import PRESETS, non_embedding_params
 
-SWEEP_KEYS = ("out_dir", "base", "grid", "budget", "per_size", "num_gpus", "evaluate")
+SWEEP_KEYS = ("out_dir", "base", "grid", "budget", "per_size", "num_gpus", "evaluate", "pack")
 GRID_KEYS = ("sizes", "repeated_fraction", "repeat_count", "placement", "seeds")
 BUDGET_KEYS = ("tokens_per_param", "tokens", "steps")
 
@@ -61,6 +63,7 @@ class SweepSpec:
     out_dir: str = "sweeps/default"
     num_gpus: int = 1
     evaluate: bool | list = False  # True (every metric) or a list of metric names
+    pack: int = 1  # runs trained together as one stacked model (1: each run in its own process)
 
     def to_dict(self) -> dict:
         return {
@@ -72,6 +75,7 @@ class SweepSpec:
             "per_size": self.per_size,
             "num_gpus": self.num_gpus,
             "evaluate": self.evaluate,
+            "pack": self.pack,
         }
 
     def save(self, path: str) -> None:
@@ -219,10 +223,15 @@ def spec_from_dict(tree: dict, source: str = "sweep file") -> SweepSpec:
                              f"(choose from {', '.join(ALL_METRICS)}, or true for all)")
     elif not isinstance(evaluate, bool):
         raise SweepError(f"evaluate: expected true, false or a list of metrics, got {evaluate!r}")
+    pack = _number(tree.get("pack", 1), "pack", int) if not isinstance(tree.get("pack"), bool) else 0
+    if pack < 1:
+        raise SweepError(f"pack: {tree.get('pack')!r} must be an integer of at least 1 "
+                         "(1 trains each run in its own process)")
     return SweepSpec(base=base, sizes=_unique(sizes), repeated_fractions=_unique(repeated),
                      repeat_counts=_unique(counts), placements=_unique(placements), seeds=_unique(seeds),
                      budget=budget, per_size={str(k): v for k, v in per_size.items()},
-                     out_dir=str(tree.get("out_dir") or "sweeps/default"), num_gpus=num_gpus, evaluate=evaluate)
+                     out_dir=str(tree.get("out_dir") or "sweeps/default"), num_gpus=num_gpus, evaluate=evaluate,
+                     pack=pack)
 
 
 def _unique(items: list) -> list:

@@ -6,6 +6,11 @@ Training speed (tokens/s) for each model shape comes from, in order of preferenc
     3. a measurement now: a few timed optimizer steps of that shape with random tokens on this machine.
 Each row says which one it used. Time = tokens / (tokens/s); with --jobs N runs share the device, so the
 wall-clock total is at best the sum divided by N.
+
+With packs (pack: K or --pack K) a pack's runs train at once, so a pack takes one run's time at the speed each
+run gets inside the pack (what a packed run logs as its tokens/s). Packed speeds are kept in the table under
+the shape and pack size; where none is known yet, one run's speed is used, which assumes a pack of K trains K
+times as many tokens per second as one run: right while the device has room, optimistic once it is busy.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from typing import Optional
 
 from fasttrain.config import seq_len
 from fasttrain.sweep.grid import RunSpec, SweepSpec, expand
-from fasttrain.sweep.runner import MANIFEST, read_json, write_json_atomic
+from fasttrain.sweep.runner import MANIFEST, plan_jobs, read_json, resolve_pack, write_json_atomic
 from fasttrain.train.metrics import read_metrics
 
 THROUGHPUT = "throughput.json"
@@ -33,11 +38,12 @@ def device_name(device: str = "auto") -> str:
     return "cpu"
 
 
-def shape_key(run: RunSpec, vocab_size: int, device: str) -> str:
+def shape_key(run: RunSpec, vocab_size: int, device: str, pack: int = 1) -> str:
+    """The throughput table's key; pack > 1: the speed each run gets in a pack of that many."""
     m, t = run.config.model, run.config.train
     micro = t.micro_batch or t.global_batch
     return (f"{device}|L{m.n_layer}-d{m.d_model}-h{m.n_head}|T{seq_len(run.config)}|mb{micro}|V{vocab_size}|"
-            f"{m.attention}-{m.loss}|{t.precision}")
+            f"{m.attention}-{m.loss}|{t.precision}" + (f"|pack{pack}" if pack > 1 else ""))
 
 
 def dataset_vocab(run: RunSpec) -> Optional[int]:
@@ -120,23 +126,34 @@ def data_check(run: RunSpec) -> str:
     return "ok"
 
 
-def plan(spec: SweepSpec, out_dir: Optional[str] = None, measure: bool = True) -> dict:
-    """Every run with N, D, FLOPs, tokens/s (and its source), estimated seconds, state and data check."""
+def plan(spec: SweepSpec, out_dir: Optional[str] = None, measure: bool = True, pack: Optional[int] = None) -> dict:
+    """Every run with N, D, FLOPs, tokens/s (and its source), estimated seconds, its pack, state and data
+    check. pack: runs trained together (default: the sweep file's `pack`)."""
+    pack, pack_note = resolve_pack(spec, pack)
     runs = expand(spec, out_dir)
     sweep_dir = os.path.abspath(out_dir or spec.out_dir)
     manifest = read_json(os.path.join(sweep_dir, MANIFEST)) or {"runs": {}}
+    entries = manifest["runs"]
+    jobs = plan_jobs([r for r in runs if entries.get(r.name, {}).get("state") != "done"], entries, pack)
+    job_of = {run.name: (number, len(job)) for number, job in enumerate(jobs, 1) for run in job}
     table_path = os.path.join(sweep_dir, THROUGHPUT)
     table = read_json(table_path) or {}
     device = device_name(spec.base.get("train", {}).get("device", "auto"))
-    rows, measured_now, data_checks = [], {}, {}
+    rows, measured_now, data_checks, logged_any = [], {}, {}, False
     for run in runs:
         vocab = dataset_vocab(run)
-        key = shape_key(run, vocab or 0, device)
+        entry = entries.get(run.name, {})
+        job, pack_size = job_of.get(run.name, (None, 1))
+        key, packed_key = shape_key(run, vocab or 0, device), shape_key(run, vocab or 0, device, pack_size)
         rate, source = None, None
         logged = logged_throughput(run.run_dir)
-        if logged:
-            rate, source = logged, "logged by this run"
-            table[key] = {"tokens_per_s": rate, "source": f"run {run.name}", "measured": _now()}
+        if logged:  # each run's own share when it trained in a pack
+            rate, source, logged_any = logged, "logged by this run", True
+            trained_in = len(entry.get("pack") or [run.name])
+            table[shape_key(run, vocab or 0, device, trained_in)] = {
+                "tokens_per_s": rate, "source": f"run {run.name}", "measured": _now()}
+        elif packed_key in table:
+            rate, source = table[packed_key]["tokens_per_s"], f"table ({table[packed_key]['source']})"
         elif key in table:
             rate, source = table[key]["tokens_per_s"], f"table ({table[key]['source']})"
         elif not measure:
@@ -154,7 +171,6 @@ def plan(spec: SweepSpec, out_dir: Optional[str] = None, measure: bool = True) -
         data_key = (run.config.data.path, seq_len(run.config), run.tokens, run.repeated_fraction, run.repeat_count)
         if data_key not in data_checks:
             data_checks[data_key] = data_check(run)
-        entry = manifest["runs"].get(run.name, {})
         done_steps = 0 if entry.get("state") == "done" else _logged_step(run.run_dir)
         remaining = run.tokens * (1 - min(done_steps, run.config.train.steps) / run.config.train.steps)
         if entry.get("state") == "done":
@@ -164,13 +180,14 @@ def plan(spec: SweepSpec, out_dir: Optional[str] = None, measure: bool = True) -
             "steps": run.config.train.steps, "flops": run.flops, "tokens_per_s": rate, "throughput_source": source,
             "estimated_s": run.tokens / rate if rate else None,
             "remaining_s": remaining / rate if rate else None,
-            "state": entry.get("state", "pending"), "data": data_checks[data_key],
+            "pack": job, "state": entry.get("state", "pending"), "data": data_checks[data_key],
         })
-    if measured_now or any(r["throughput_source"] == "logged by this run" for r in rows):
+    if measured_now or logged_any:
         os.makedirs(sweep_dir, exist_ok=True)  # the table is kept for the next plan, even before any run
         write_json_atomic(table_path, table)
     return {"sweep_dir": sweep_dir, "device": device, "runs": rows, "deepspeed": spec.uses_deepspeed,
-            "num_gpus": spec.num_gpus, "evaluate": spec.evaluate}
+            "num_gpus": spec.num_gpus, "evaluate": spec.evaluate, "pack": pack, "pack_note": pack_note,
+            "packs": [[r.name for r in job] for job in jobs]}
 
 
 def _logged_step(run_dir: str) -> int:
@@ -202,30 +219,49 @@ def _fmt_time(s: Optional[float]) -> str:
     return f"{s / 3600:.1f} h"
 
 
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def format_plan(doc: dict, jobs: int = 1) -> str:
-    rows = doc["runs"]
+    rows, packed = doc["runs"], doc["pack"] > 1
     head = (f"{'run':<32} {'N (non-emb)':>11} {'tokens D':>9} {'steps':>7} {'FLOPs 6ND':>9} {'tok/s':>8} "
-            f"{'est. time':>9} {'state':>11}  data")
-    lines = [f"sweep {doc['sweep_dir']}: {len(rows)} runs on {doc['device']}"
-             + (f" via deepspeed --num_gpus {doc['num_gpus']}" if doc["deepspeed"] else ""), head]
+            f"{'est. time':>9}{' pack' if packed else ''} {'state':>11}  data")
+    title = f"sweep {doc['sweep_dir']}: {len(rows)} runs on {doc['device']}"
+    if doc["deepspeed"]:
+        title += f" via deepspeed --num_gpus {doc['num_gpus']}"
+    if packed:
+        title += f", {_plural(len(doc['packs']), 'pack')} of up to {doc['pack']} runs left"
+    lines = ([doc["pack_note"]] if doc["pack_note"] else []) + [title, head]
     for r in rows:
         rate = _fmt_count(r["tokens_per_s"]) if r["tokens_per_s"] else "?"
+        pack = f" {r['pack'] or '-':>4}" if packed else ""
         lines.append(f"{r['name']:<32} {_fmt_count(r['params']):>11} {_fmt_count(r['tokens']):>9} {r['steps']:>7} "
-                     f"{_fmt_count(r['flops']):>9} {rate:>8} {_fmt_time(r['estimated_s']):>9} {r['state']:>11}  "
+                     f"{_fmt_count(r['flops']):>9} {rate:>8} {_fmt_time(r['estimated_s']):>9}{pack} {r['state']:>11}  "
                      f"{r['data']}")
     sources = sorted({r["throughput_source"] for r in rows})
     lines.append("throughput: " + "; ".join(sources))
-    known = [r["remaining_s"] for r in rows if r["remaining_s"] is not None]
-    total = sum(known)
-    unknown = sum(1 for r in rows if r["remaining_s"] is None and r["state"] != "done")
+    if packed:
+        lines.append("packs: a pack takes its slowest run's time at the tok/s each run gets in the pack; where no "
+                     "packed speed is known\n       (logged by a packed run, or stored), one run's tok/s is used: a "
+                     "pack of K is assumed to train K times as fast as one run (optimistic once the device is busy)")
+    # a job (a pack, or one run) takes as long as its slowest run
+    by_job: dict = {}
+    for r in rows:
+        if r["pack"] is not None:
+            by_job.setdefault(r["pack"], []).append(r["remaining_s"])
+    known = [max(times) for times in by_job.values() if None not in times]
+    unknown = len(by_job) - len(known)
+    unit = "pack" if packed else "run"
     if not known and unknown:
-        lines.append(f"estimated training time: unknown ({unknown} runs without a throughput)")
+        lines.append(f"estimated training time: unknown ({_plural(unknown, unit)} without a throughput)")
         return "\n".join(lines)
-    msg = f"estimated training time left: {_fmt_time(total)} run after run"
+    total = sum(known)
+    msg = f"estimated training time left: {_fmt_time(total)} {unit} after {unit}"
     if jobs > 1:
         msg += f", about {_fmt_time(total / jobs)} with --jobs {jobs} if the device is not saturated"
     if unknown:
-        msg += f" (+ {unknown} runs without an estimate)"
+        msg += f" (+ {_plural(unknown, unit)} without an estimate)"
     if doc["evaluate"]:
         msg += "; plus an evaluation after each run"
     lines.append(msg)

@@ -1,8 +1,10 @@
-"""Running a sweep: one subprocess per run, a manifest of states, resumable after a crash or a kill.
+"""Running a sweep: one subprocess per run (or per pack of runs), a manifest of states, resumable after a
+crash or a kill.
 
 Sweep folder:
     manifest.json        every run's state (pending | running | done | failed | interrupted), start and end
-                         times, attempts and final metrics; rewritten atomically after every change
+                         times, attempts, the pack it trained in and final metrics; rewritten atomically after
+                         every change
     sweep.yaml           the sweep as last run
     throughput.json      measured training speed per model shape and device (for --dry-run estimates)
     runs/NAME/           a run folder: config.yaml, checkpoints/, metrics.jsonl, final.json, train.log,
@@ -10,8 +12,11 @@ Sweep folder:
 
 Each run is `python -m fasttrain.cli train --config RUN/config.yaml --resume` (under `deepspeed --num_gpus N`
 when the sweep asks for several GPUs or ZeRO), so a run killed with the sweep continues from its newest
-checkpoint next time and a finished run is never trained again. A run folder holds one config for good: if
-the sweep file changed what a run means, the sweep stops with an error naming the run.
+checkpoint next time and a finished run is never trained again. With `pack: K` (or --pack K), up to K runs
+that differ only in what packed training allows (f, E, placement, seeds) and stopped at the same checkpoint
+step train as one job: `train --config A/config.yaml --config B/config.yaml ... --resume`, one stacked model
+on one device, then each run's evaluation. A run that trains alone is a pack of one. A run folder holds one
+config for good: if the sweep file changed what a run means, the sweep stops with an error naming the run.
 """
 from __future__ import annotations
 
@@ -184,6 +189,50 @@ def last_logged_step(run_dir: str) -> int:
     return 0
 
 
+def newest_checkpoint_step(run_dir: str) -> int:
+    """Step of the newest complete checkpoint in the run folder (0 when none)."""
+    from fasttrain.train.checkpoint import list_checkpoints
+
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoints[-1][0] if checkpoints else 0
+
+
+# ---- packs -------------------------------------------------------------------------------------------
+def resolve_pack(spec: SweepSpec, pack: Optional[int] = None) -> tuple[int, Optional[str]]:
+    """The pack size to use (--pack overrides the sweep file's `pack`) and a note when packing is off."""
+    size = spec.pack if pack is None else pack
+    if size < 1:
+        raise SweepError(f"--pack {size}: must be at least 1 (1 trains each run in its own process)")
+    if size > 1 and spec.uses_deepspeed:
+        return 1, (f"note: pack {size} ignored: the runs use the deepspeed launcher on {spec.num_gpus} GPU(s), "
+                   "and packed training runs on one device; training them one at a time")
+    return size, None
+
+
+def group_packs(runs: list[RunSpec], pack: int) -> list[list[RunSpec]]:
+    """Runs to train, grouped into packs of at most `pack`: runs in a pack can be stacked (equal packing_key)
+    and resume from the same checkpoint step. Packs keep the sweep's order, inside and between them."""
+    from fasttrain.train.packed import packing_key
+
+    groups: dict[tuple, list] = {}
+    for run in runs:
+        groups.setdefault((packing_key(run.config), newest_checkpoint_step(run.run_dir)), []).append(run)
+    order = {run.name: i for i, run in enumerate(runs)}
+    packs = [members[i:i + pack] for members in groups.values() for i in range(0, len(members), pack)]
+    return sorted(packs, key=lambda members: order[members[0].name])
+
+
+def plan_jobs(runs: list[RunSpec], entries: dict, pack: int) -> list[list[RunSpec]]:
+    """The jobs that finish these (unfinished) runs, in the sweep's order: packs of runs that need training,
+    and packs of runs that need only their evaluation."""
+    trained = [run for run in runs if is_trained(run, entries.get(run.name, {}))]
+    trained_names = {run.name for run in trained}
+    jobs = group_packs([run for run in runs if run.name not in trained_names], pack)
+    jobs += [trained[i:i + pack] for i in range(0, len(trained), pack)]  # evaluated in one process a pack
+    order = {run.name: i for i, run in enumerate(runs)}
+    return sorted(jobs, key=lambda members: order[members[0].name])
+
+
 # ---- commands ----------------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
@@ -191,17 +240,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_command(run: RunSpec, spec: SweepSpec, python: str = sys.executable) -> list[str]:
-    config = os.path.join(run.run_dir, "config.yaml")
+def train_command(pack: list[RunSpec], spec: SweepSpec, python: str = sys.executable) -> list[str]:
+    """The command that trains (or resumes) a pack of runs: one --config per run, all stacked in one model."""
+    configs = [arg for run in pack for arg in ("--config", os.path.join(run.run_dir, "config.yaml"))]
     if spec.uses_deepspeed:
+        if len(pack) > 1:
+            raise SweepError("packed training runs on one device: a sweep using deepspeed trains one run at a time")
         launcher = shutil.which("deepspeed") or "deepspeed"
         return [launcher, "--num_gpus", str(spec.num_gpus), "--master_port", str(_free_port()), "--module",
-                "fasttrain.cli", "train", "--config", config, "--resume"]
-    return [python, "-m", "fasttrain.cli", "train", "--config", config, "--resume"]
+                "fasttrain.cli", "train", *configs, "--resume"]
+    return [python, "-m", "fasttrain.cli", "train", *configs, "--resume"]
 
 
-def eval_command(run: RunSpec, metrics, python: str = sys.executable) -> list[str]:
-    cmd = [python, "-m", "fasttrain.cli", "eval", run.run_dir, "--json", os.path.join(run.run_dir, "eval.json")]
+def eval_command(runs: list[RunSpec], metrics, python: str = sys.executable) -> list[str]:
+    """The command that evaluates runs into RUN/eval.json: one process for all of them (start-up, CUDA
+    context and kernel autotuning paid once)."""
+    cmd = [python, "-m", "fasttrain.cli", "eval", *(run.run_dir for run in runs),
+           "--json", os.path.join("{run}", "eval.json")]
     if isinstance(metrics, list):
         cmd += ["--metrics", ",".join(metrics)]
     return cmd
@@ -220,17 +275,36 @@ def _die_with_parent() -> None:
 
 # ---- execution ---------------------------------------------------------------------------------------
 @dataclass
+class _Phase:
+    command: list
+    runs: list  # the runs it trains or evaluates
+    is_eval: bool
+
+    @property
+    def log_path(self) -> str:
+        """One log per phase, in its first run's folder (the others' logs point to it)."""
+        return os.path.join(self.runs[0].run_dir, "eval.log" if self.is_eval else "train.log")
+
+
+@dataclass
 class _Job:
-    run: RunSpec
-    commands: list
+    """A pack of runs (one run when it trains alone) and the commands that finish it, one after the other:
+    the pack's training, then its evaluation. Runs that need only their evaluation form packs of their own."""
+    runs: list
+    phases: list
     proc: Optional[subprocess.Popen] = None
     phase: int = 0
     started: float = 0.0
     log: object = None
 
     @property
-    def is_eval_phase(self) -> bool:
-        return self.commands[self.phase][3:4] == ["eval"]
+    def current(self) -> _Phase:
+        return self.phases[self.phase]
+
+    @property
+    def trained(self) -> bool:
+        """Its training (if it had one) has finished."""
+        return self.current.is_eval
 
 
 @dataclass
@@ -303,10 +377,15 @@ def _tail(path: str, lines: int = 5) -> str:
 
 
 def run_sweep(spec: SweepSpec, out_dir: Optional[str] = None, jobs: int = 1, progress: bool = True,
-              python: str = sys.executable, on_run_done: Optional[Callable] = None) -> SweepResult:
-    """Run every run of the sweep that is not finished yet; returns which finished and which failed."""
+              python: str = sys.executable, on_run_done: Optional[Callable] = None,
+              pack: Optional[int] = None) -> SweepResult:
+    """Run every run of the sweep that is not finished yet; returns which finished and which failed.
+    pack: runs trained together (default: the sweep file's `pack`)."""
     if jobs < 1:
         raise SweepError(f"--jobs {jobs}: must be at least 1")
+    pack, note = resolve_pack(spec, pack)
+    if note:
+        print(note)
     runs = expand(spec, out_dir)
     sweep_dir = os.path.abspath(out_dir or spec.out_dir)
     if spec.uses_deepspeed and jobs > 1:
@@ -337,85 +416,127 @@ def run_sweep(spec: SweepSpec, out_dir: Optional[str] = None, jobs: int = 1, pro
                     entry["state"] = "interrupted"
                 todo.append(run)
         manifest.save()
-        _execute(spec, todo, manifest, result, jobs, progress, python, on_run_done)
+        _execute(spec, plan_jobs(todo, manifest.runs, pack), manifest, result, jobs, progress, python, on_run_done)
     return result
 
 
-def _execute(spec, todo, manifest, result, jobs, progress_enabled, python, on_run_done) -> None:
+def _execute(spec, packs, manifest, result, jobs, progress_enabled, python, on_run_done) -> None:
     total_steps = sum(r.config.train.steps for r in result.runs)
     done_steps = sum(r.config.train.steps for r in result.runs if r.name in result.skipped)
     progress = Progress(len(result.runs), total_steps, done_steps, enabled=progress_enabled)
     index = {r.name: i + 1 for i, r in enumerate(result.runs)}
     width = len(str(len(result.runs)))
     if result.skipped:
-        progress.line(f"{len(result.skipped)} of {len(result.runs)} runs already done; {len(todo)} to run")
-    # with several at once, the costliest runs start first so that the last ones finish close together
-    queue = sorted(todo, key=lambda r: -r.flops) if jobs > 1 else list(todo)
-    active: dict[str, _Job] = {}
+        progress.line(f"{len(result.skipped)} of {len(result.runs)} runs already done; "
+                      f"{sum(map(len, packs))} to run")
+    # with several at once, the costliest packs start first so that the last ones finish close together
+    queue = sorted(packs, key=lambda p: -sum(r.flops for r in p)) if jobs > 1 else list(packs)
+    active: dict[str, _Job] = {}  # by the name of the job's first run
     env = _child_env(jobs)
 
-    def tag(run):
-        return f"[{index[run.name]:>{width}}/{len(result.runs)}] {run.name}"
+    def tag(runs: list) -> str:
+        numbers = ",".join(str(index[r.name]) for r in runs)
+        names = runs[0].name if len(runs) == 1 else f"pack of {len(runs)} ({', '.join(r.name for r in runs)})"
+        return f"[{numbers:>{width}}/{len(result.runs)}] {names}"
 
     def start(job: _Job) -> None:
-        cmd = job.commands[job.phase]
-        job.log = open(os.path.join(job.run.run_dir, "eval.log" if job.is_eval_phase else "train.log"), "a")
-        job.log.write(f"\n# {now_iso()} $ {' '.join(cmd)}\n")
+        phase = job.current
+        job.log = open(phase.log_path, "a")
+        job.log.write(f"\n# {now_iso()} $ {' '.join(phase.command)}\n")
         job.log.flush()
-        job.proc = subprocess.Popen(cmd, stdout=job.log, stderr=subprocess.STDOUT, env=env,
+        for run in phase.runs[1:]:
+            with open(os.path.join(run.run_dir, os.path.basename(phase.log_path)), "a") as log:
+                log.write(f"\n# {now_iso()} {'evaluated' if phase.is_eval else 'trained'} with "
+                          f"{len(phase.runs) - 1} other run(s) in one process: its log is {phase.log_path}\n")
+        job.proc = subprocess.Popen(phase.command, stdout=job.log, stderr=subprocess.STDOUT, env=env,
                                     preexec_fn=_die_with_parent)
-        manifest.update(job.run.name, pid=job.proc.pid)
+        for run in phase.runs:
+            manifest.entry(run.name)["pid"] = job.proc.pid
+        manifest.save()
 
-    def launch(run: RunSpec) -> None:
-        entry = manifest.entry(run.name)
-        trained = is_trained(run, entry)
-        commands = [] if trained else [train_command(run, spec, python)]
+    def launch(runs: list) -> None:
+        first = runs[0]
+        trained = is_trained(first, manifest.entry(first.name))  # plan_jobs never mixes trained and untrained
+        phases = [] if trained else [_Phase(train_command(runs, spec, python), runs, is_eval=False)]
         if spec.evaluate:
-            commands.append(eval_command(run, spec.evaluate, python))
-        job = _Job(run, commands, started=time.time())
+            phases.append(_Phase(eval_command(runs, spec.evaluate, python), runs, is_eval=True))
+        job = _Job(runs, phases, started=time.time())
         if trained:  # only the evaluation is missing: training is not touched, nor its times
-            manifest.update(run.name, state="evaluating", returncode=None, error=None)
-            progress.line(f"{tag(run)}: evaluating")
+            for run in runs:
+                manifest.entry(run.name).update(state="evaluating", returncode=None, error=None)
+            manifest.save()
+            progress.line(f"{tag(runs)}: evaluating")
         else:
-            step = last_logged_step(run.run_dir)
-            manifest.update(run.name, state="running", started=now_iso(), attempts=entry.get("attempts", 0) + 1,
-                            finished=None, returncode=None, error=None)
-            how = f"resuming after step {step}" if step > 0 else "starting"
-            progress.line(f"{tag(run)}: {how} (N = {run.params:,}, {run.tokens:,} tokens, "
-                          f"{run.config.train.steps} steps)")
+            started = now_iso()
+            for run in runs:
+                entry = manifest.entry(run.name)
+                entry.update(state="running", started=started, attempts=entry.get("attempts", 0) + 1,
+                             finished=None, returncode=None, error=None, pack=[r.name for r in runs])
+            manifest.save()
+            step = newest_checkpoint_step(first.run_dir)
+            how = f"resuming from step {step}" if step > 0 else "starting"
+            each = " each" if len(runs) > 1 else ""
+            progress.line(f"{tag(runs)}: {how} (N = {first.params:,}, {first.tokens:,} tokens, "
+                          f"{first.config.train.steps} steps{each})")
         start(job)
-        active[run.name] = job
+        active[first.name] = job
 
-    def training_finished(job: _Job) -> None:
-        run, wall = job.run, time.time() - job.started
-        final = read_json(os.path.join(run.run_dir, "final.json"))
-        manifest.update(run.name, state="evaluating" if spec.evaluate else "done", finished=now_iso(),
-                        wall_s=round(wall, 3), returncode=0, final=final)
-        progress.line(f"{tag(run)}: trained in {wall:.0f} s, {_describe_final(final)}")
-
-    def finish(job: _Job, rc: int) -> None:
-        run = job.run
-        job.log.close()
-        del active[run.name]
-        if rc != 0:
-            log = os.path.join(run.run_dir, "eval.log" if job.is_eval_phase else "train.log")
-            what = "evaluation" if job.is_eval_phase else "training"
-            fields = dict(returncode=rc, error=f"{what} exited with {rc}: {_tail(log, 2)}")
-            # a failed evaluation leaves the training done: the next sweep only evaluates again
-            fields["state"] = "evaluating" if job.is_eval_phase else "failed"
-            manifest.update(run.name, **fields)
-            result.failed.append(run.name)
-            progress.line(f"{tag(run)}: FAILED ({what} exited with {rc}; see {log})")
-            return
-        if job.is_eval_phase:
-            evaluation = read_json(os.path.join(run.run_dir, "eval.json")) or {}
-            manifest.update(run.name, state="done", eval=evaluation.get("results"), error=None)
-            progress.line(f"{tag(run)}: evaluated")
-        else:
-            training_finished(job)
+    def run_done(run: RunSpec) -> None:
         result.done.append(run.name)
         if on_run_done:
             on_run_done(run, manifest.runs[run.name])
+
+    def training_finished(job: _Job) -> None:
+        wall, finished = time.time() - job.started, now_iso()
+        for run in job.runs:
+            final = read_json(os.path.join(run.run_dir, "final.json"))
+            manifest.entry(run.name).update(state="evaluating" if spec.evaluate else "done", finished=finished,
+                                            wall_s=round(wall, 3), returncode=0, final=final)
+        manifest.save()
+        for run in job.runs:
+            in_pack = f" in the pack of {len(job.runs)}" if len(job.runs) > 1 else ""
+            final = manifest.runs[run.name]["final"]
+            progress.line(f"{tag([run])}: trained in {wall:.0f} s{in_pack}, {_describe_final(final)}")
+            if not spec.evaluate:
+                run_done(run)
+
+    def phase_failed(phase: _Phase, runs: list, rc: int) -> None:
+        what = "evaluation" if phase.is_eval else "training"
+        error = f"{what} exited with {rc}: {_tail(phase.log_path, 2)}"
+        for run in runs:
+            # a failed evaluation leaves the training done: the next sweep only evaluates again
+            manifest.entry(run.name).update(state="evaluating" if phase.is_eval else "failed", returncode=rc,
+                                            error=error)
+            result.failed.append(run.name)
+        manifest.save()
+        progress.line(f"{tag(runs)}: FAILED ({what} exited with {rc}; see {phase.log_path})")
+
+    def evaluation_finished(phase: _Phase, rc: int) -> None:
+        """Runs whose eval.json the evaluation wrote are done; if it stopped early, the rest failed."""
+        evaluated = [run for run in phase.runs if is_evaluated(run)]
+        for run in evaluated:
+            evaluation = read_json(os.path.join(run.run_dir, "eval.json")) or {}
+            manifest.entry(run.name).update(state="done", eval=evaluation.get("results"), error=None)
+        manifest.save()
+        for run in evaluated:
+            progress.line(f"{tag([run])}: evaluated")
+            run_done(run)
+        missing = [run for run in phase.runs if run not in evaluated]
+        if missing:
+            phase_failed(phase, missing, rc)
+
+    def phase_finished(job: _Job, rc: int) -> bool:
+        """Record the phase that just ended; True when the job has another phase to run."""
+        job.log.close()
+        phase = job.current
+        if phase.is_eval:
+            evaluation_finished(phase, rc)
+        elif rc != 0:
+            phase_failed(phase, job.runs, rc)
+            return False  # nothing to evaluate: the whole pack failed
+        else:
+            training_finished(job)
+        return job.phase + 1 < len(job.phases)
 
     previous_handler = signal.getsignal(signal.SIGTERM)
 
@@ -428,33 +549,38 @@ def _execute(spec, todo, manifest, result, jobs, progress_enabled, python, on_ru
             while queue and len(active) < jobs:
                 launch(queue.pop(0))
             time.sleep(0.2)
-            for job in list(active.values()):
+            for name, job in list(active.items()):
                 rc = job.proc.poll()
                 if rc is None:
                     continue
-                if rc == 0 and job.phase + 1 < len(job.commands):
-                    job.log.close()
-                    training_finished(job)
+                if phase_finished(job, rc):
                     job.phase += 1
                     start(job)
-                    continue
-                finish(job, rc)
-            current = [r for r in result.runs if r.name in active]
+                else:
+                    del active[name]
+            current = [r for job in active.values() for r in job.runs]
             steps_now = done_steps + sum(r.config.train.steps for r in result.runs if r.name in result.done)
-            steps_now += sum(min(last_logged_step(r.run_dir), r.config.train.steps) for r in current)
+            steps_now += sum(min(last_logged_step(r.run_dir), r.config.train.steps) for r in current
+                             if r.name not in result.done)
             progress.steps(steps_now, ", ".join(r.name for r in current))
     except KeyboardInterrupt:
         for job in active.values():
             if job.proc.poll() is None:
                 job.proc.terminate()
+        runs_left = 0
         for job in active.values():
             try:
                 job.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 job.proc.kill()
+            job.log.close()
             # an interrupted evaluation keeps its finished training; an interrupted training resumes
-            manifest.update(job.run.name, state="evaluating" if job.is_eval_phase else "interrupted")
-        progress.line(f"interrupted: re-run the same command to continue ({len(active)} run(s) resume from "
+            for run in job.runs:
+                if run.name not in result.done and run.name not in result.failed:
+                    manifest.entry(run.name)["state"] = "evaluating" if job.trained else "interrupted"
+                    runs_left += 1
+        manifest.save()
+        progress.line(f"interrupted: re-run the same command to continue ({runs_left} run(s) resume from "
                       "their newest checkpoint)")
         raise
     finally:
