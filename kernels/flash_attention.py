@@ -16,6 +16,7 @@ accumulation; fp32 inputs use full-precision (not tf32) dots. Under the Triton i
 not supported, so there every tile is upcast to fp32 after its load (a no-op on the GPU path).
 """
 import contextlib
+import inspect
 import math
 import os
 
@@ -398,6 +399,9 @@ def _configs(kind, head_dim, dtype, seq_len):
 
 _TUNERS = {}
 _BEST_CONFIGS = {}
+# The winners are kept in Triton's on-disk cache where this Triton can (3.2+): every process of a sweep
+# (a training pack, an evaluation) would otherwise time the same configs again.
+_AUTOTUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
 def _launch(kernel, configs, tune_key, grid, *args, **constexprs):
@@ -411,8 +415,8 @@ def _launch(kernel, configs, tune_key, grid, *args, **constexprs):
         cfg = _BEST_CONFIGS.get((configs_id, tune_key))
         if cfg is None:
             if configs_id not in _TUNERS:
-                _TUNERS[configs_id] = triton.autotune(configs=list(configs),
-                                                      key=["HEAD_DIM", "SEQ_BUCKET", "CAUSAL"])(kernel)
+                _TUNERS[configs_id] = triton.autotune(configs=list(configs), key=["HEAD_DIM", "SEQ_BUCKET", "CAUSAL"],
+                                                      **_AUTOTUNE_CACHE)(kernel)
             tuner = _TUNERS[configs_id]
             tuner[grid](*args, **constexprs)
             _BEST_CONFIGS[(configs_id, tune_key)] = tuner.best_config
