@@ -141,6 +141,12 @@ def test_killed_pack_resumes_to_identical_losses(dataset_dir, separate_runs, tmp
         for d, losses in zip(killed, expected):
             assert _losses(d) == pytest.approx(losses, rel=1e-5)
     assert all(os.path.exists(os.path.join(d, "final.json")) for d in killed)
+    # Killed after the last checkpoints, before final.json: the resume evaluates again and writes it.
+    finals = [json.load(open(os.path.join(d, "final.json"))) for d in killed]
+    for d in killed:
+        os.remove(os.path.join(d, "final.json"))
+    assert train_packed(cfgs, resume=True) == finals
+    assert [json.load(open(os.path.join(d, "final.json"))) for d in killed] == finals
 
     # A packed run's checkpoint is a plain one: the plain trainer resumes it alone to the same losses.
     alone = str(tmp_path / "alone")

@@ -74,6 +74,14 @@ def test_micro_batching_does_not_change_the_result(dataset_dir, tmp_path):
     assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)
 
 
+def test_run_stopped_before_final_json_resumes_to_it(dataset_dir, tmp_path):
+    cfg = load_config(_write_cfg(tmp_path, _cfg(dataset_dir, tmp_path / "run", train__steps=6)))
+    summary = train(cfg)
+    os.remove(tmp_path / "run" / "final.json")  # a kill between the last checkpoint and final.json
+    assert train(cfg, resume=True) == summary
+    assert json.load(open(tmp_path / "run" / "final.json")) == summary
+
+
 def test_compiled_training_matches_eager(dataset_dir, tmp_path):
     # train.compile runs the same step through torch.compile (inductor): same losses up to reordered sums.
     eager = train(load_config(_write_cfg(tmp_path, _cfg(dataset_dir, tmp_path / "eager", train__steps=6))))

@@ -54,7 +54,7 @@ from fasttrain.train.trainer import (
     load_saved_config,
     rng_state,
     set_rng_state,
-    write_json_atomic,
+    write_final,
     build_model,
     evaluate_during_training,
     lr_at,
@@ -407,16 +407,9 @@ def train_distributed(cfg: Config, resume: bool = False) -> dict:
             _save(engine, run_dir, done, {"step": done, **record}, rank, log_spaced, t.keep_checkpoints)
             tick = time.time()  # checkpoint time is not training time
     logger.close()
-
-    final_path = os.path.join(run_dir, "final.json")
-    if not summary:  # resumed a run whose training had finished
-        if os.path.exists(final_path):
-            with open(final_path) as f:
-                summary = json.load(f)
-        else:  # stopped between its last checkpoint and final.json
-            summary = {"step": t.steps, **_evaluate(engine, dataset, cfg, device, micro)}
+    summary = write_final(run_dir, summary, t.steps, lambda: _evaluate(engine, dataset, cfg, device, micro),
+                          write=rank == 0)  # every rank evaluates (ZeRO-3 gathers the weights); rank 0 writes
     if rank == 0:
-        write_json_atomic(final_path, summary)
         export_path = checkpoint_path(run_dir, t.steps)
         if not os.path.exists(export_path):
             export_consolidated(os.path.join(folder, _tag(t.steps)), export_path, dtype="fp32")

@@ -43,7 +43,7 @@ from fasttrain.train.trainer import (
     load_saved_config,
     rng_state,
     set_rng_state,
-    write_json_atomic,
+    write_final,
     build_model,
     evaluate_during_training,
     lr_at,
@@ -494,10 +494,9 @@ def train_packed(cfgs: list[Config], resume: bool = False) -> list[dict]:
     for logger in loggers:
         logger.close()
     for k, c in enumerate(cfgs):
-        final_path = os.path.join(c.train.out_dir, "final.json")
-        if summaries[k]:
-            write_json_atomic(final_path, summaries[k])
-        else:  # resumed a group that had already finished
-            with open(final_path) as f:
-                summaries[k] = json.load(f)
+        def evaluate_run(k=k, c=c):
+            single.load_state_dict(packed.model_state(k))
+            return evaluate_during_training(single, datasets[k], c, device, amp_dtype)
+
+        summaries[k] = write_final(c.train.out_dir, summaries[k], t.steps, evaluate_run)
     return summaries

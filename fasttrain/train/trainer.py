@@ -175,12 +175,22 @@ def train(cfg: Config, resume: bool = False) -> dict:
             save_checkpoint(run_dir, done, state, keep=t.keep_checkpoints, protected=log_spaced)
             tick = time.time()  # checkpoint time is not training time
     logger.close()
-    final_path = os.path.join(run_dir, "final.json")
-    if summary:
-        write_json_atomic(final_path, summary)
-    else:  # resumed a run that had already finished
-        with open(final_path) as f:
-            summary = json.load(f)
+    return write_final(run_dir, summary, t.steps,
+                       lambda: evaluate_during_training(model, dataset, cfg, device, amp_dtype))
+
+
+def write_final(run_dir: str, summary: dict, steps: int, evaluate, write: bool = True) -> dict:
+    """Write RUN/final.json (the last evaluation) and return it. An empty summary means the run was resumed
+    after its last step: its final.json is read back, or, when the run was stopped between its last
+    checkpoint and final.json, the evaluation is made again (evaluate() -> metrics)."""
+    path = os.path.join(run_dir, "final.json")
+    if not summary:
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+        summary = {"step": steps, **evaluate()}
+    if write:
+        write_json_atomic(path, summary)
     return summary
 
 
