@@ -46,7 +46,7 @@ def cmd_demo(args) -> None:
     from fasttrain.sweep.demo import run_demo
 
     try:
-        run_demo(out_dir=args.out, scale=args.scale, jobs=args.jobs, max_bytes=args.max_bytes)
+        run_demo(out_dir=args.out, scale=args.scale, jobs=args.jobs, max_bytes=args.max_bytes, pack=args.pack)
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to continue where it stopped", file=sys.stderr)
         sys.exit(130)
@@ -93,7 +93,10 @@ def register(subparsers) -> None:
     p.add_argument("--out", metavar="DIR", default="demo", help="folder for the dataset, runs and report (default: demo)")
     p.add_argument("--scale", type=int, default=1,
                    help="1: tiny models for a CPU; 2, 3, ...: larger models and more tokens for a GPU")
-    p.add_argument("--jobs", type=int, default=None, help="runs trained at once (default: 1 on a CPU, 4 on a GPU)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="processes at once (default: one per core up to 4 on a CPU, 4 on a GPU)")
+    p.add_argument("--pack", type=int, default=None, metavar="K",
+                   help="runs trained together as one model (default: 1 on a CPU; on a GPU, each size's runs)")
     p.add_argument("--max-bytes", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_demo)
 

@@ -114,8 +114,16 @@ def _default_jobs() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+def _default_pack(spec: SweepSpec) -> int:
+    """On a GPU the runs of one size (its baseline and every E) train as one pack: small models cannot
+    fill it one at a time. On a CPU, one run per process."""
+    import torch
+
+    return 1 + len(spec.repeat_counts) if torch.cuda.is_available() else 1
+
+
 def run_demo(out_dir: str = "demo", scale: int = 1, jobs: Optional[int] = None,
-             max_bytes: Optional[int] = None) -> dict:
+             max_bytes: Optional[int] = None, pack: Optional[int] = None) -> dict:
     """Prepare, train, evaluate and report; returns the report summary (also printed)."""
     from fasttrain.sweep.report import write_report
 
@@ -131,7 +139,7 @@ def run_demo(out_dir: str = "demo", scale: int = 1, jobs: Optional[int] = None,
     prepare_demo_data(os.path.join(out_dir, "data"), max_bytes if max_bytes is not None else s.max_bytes)
     spec.save(os.path.join(out_dir, "sweep.yaml"))
     t_data = time.time()
-    result = run_sweep(spec, jobs=jobs or _default_jobs())
+    result = run_sweep(spec, jobs=jobs or _default_jobs(), pack=pack or _default_pack(spec))
     t_train = time.time()
     report, page = write_report(spec.out_dir)
     summary = report.summary_lines()
