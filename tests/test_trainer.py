@@ -14,7 +14,8 @@ import yaml
 from fasttrain.config import ConfigError, load_config
 from fasttrain.data import open_dataset
 from fasttrain.train.checkpoint import list_checkpoints
-from fasttrain.train.trainer import lr_at, train
+from fasttrain.train.loop import lr_at
+from fasttrain.train.trainer import train
 
 
 

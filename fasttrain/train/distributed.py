@@ -34,32 +34,29 @@ import glob
 import io
 import json
 import logging
-import math
 import os
 import re
 import shutil
 import socket
 import sys
-import time
 
 import torch
 
 from fasttrain.config import Config, ConfigError, config_from_dict, seq_len
+from fasttrain.data.sampler import open_training_stream
 from fasttrain.train.checkpoint import checkpoint_path, list_checkpoints, save_atomic
 from fasttrain.train.device import autocast_dtype, peak_flops
+from fasttrain.train.loop import check_finite, protected_steps, run_steps
 from fasttrain.train.metrics import MetricsLogger, step_record
 from fasttrain.train.trainer import (
+    build_model,
     check_same_config,
-    is_checkpoint_step,
+    evaluate_during_training,
     load_saved_config,
+    make_optimizer,
     rng_state,
     set_rng_state,
     write_final,
-    build_model,
-    evaluate_during_training,
-    lr_at,
-    make_optimizer,
-    open_training_stream,
 )
 
 COMPLETE = "complete.json"  # written last into a checkpoint folder: the checkpoint is whole
@@ -362,50 +359,48 @@ def train_distributed(cfg: Config, resume: bool = False) -> dict:
 
     peak = peak_flops(device)
     logger = MetricsLogger(run_dir, t.steps, start_step, tensorboard=t.tensorboard, enabled=rank == 0)
-    log_spaced = {s for s in range(1, t.steps + 1) if t.checkpoint_log_spaced and s & (s - 1) == 0}
+    protected = protected_steps(cfg)
     grad_norm_from_engine = cfg.deepspeed.zero_stage > 0 or bf16  # plain fp32 data parallel reports none
-    summary = {}
     engine.train()
-    tick, tick_step = time.time(), start_step
     if start_step < t.steps:
         batches = stream.iter_batches(start_step, t.steps - start_step, t.global_batch, rank=rank, world_size=world,
                                       prefetch=0)  # as the plain trainer: in-loop reads measured faster
-    for step in range(start_step, t.steps):
-        lr = lr_at(step, cfg)
+
+    def step(lr):
         for group in optimizer.param_groups:
             group["lr"] = lr
         tokens = next(batches).to(device, non_blocking=True)
         loss_sum = torch.zeros((), device=device)
-        done = step + 1
-        logging_step = done % t.log_every == 0 or done == t.steps
         grad_norm = None
         for i, chunk in enumerate(tokens.split(micro)):
             loss = engine(chunk[:, :-1], chunk[:, 1:])
             engine.backward(loss)  # DeepSpeed divides by the accumulation steps and averages over ranks
             loss_sum += loss.detach().float()
-            if i == accum - 1 and logging_step and not grad_norm_from_engine:  # averaged over ranks by now
+            if i == accum - 1 and not grad_norm_from_engine:  # averaged over ranks by now
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters()
                                                            if p.grad is not None])
             engine.step()  # called after every micro-batch; the weights change after the last one
+        return loss_sum / accum, grad_norm
 
-        if logging_step:
-            loss_mean = loss_sum / accum
-            dist.all_reduce(loss_mean)
-            loss_value = loss_mean.item() / world
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss is {loss_value} at step {done}: lower optim.lr or check the data")
-            if grad_norm is None:
-                grad_norm = engine.get_global_grad_norm()
-            logger.log(step_record(done, t.global_batch * T, loss_value, lr, grad_norm, done - tick_step,
-                                   time.time() - tick, flops_per_step, peak * world if peak else None))
-            tick, tick_step = time.time(), done
-        if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
-            summary = {"step": done, **_evaluate(engine, dataset, cfg, device, micro)}
-            logger.log(summary)
-            engine.train()
-        if is_checkpoint_step(done, cfg):
-            _save(engine, run_dir, done, {"step": done, **record}, rank, log_spaced, t.keep_checkpoints)
-            tick = time.time()  # checkpoint time is not training time
+    def log(done, lr, loss, grad_norm, steps_timed, elapsed):
+        dist.all_reduce(loss)
+        loss_value = loss.item() / world
+        check_finite(loss_value, done)
+        if grad_norm is None:
+            grad_norm = engine.get_global_grad_norm()
+        logger.log(step_record(done, t.global_batch * T, loss_value, lr, grad_norm, steps_timed, elapsed,
+                               flops_per_step, peak * world if peak else None))
+
+    def evaluate(done):
+        summary = {"step": done, **_evaluate(engine, dataset, cfg, device, micro)}
+        logger.log(summary)
+        engine.train()
+        return summary
+
+    def checkpoint(done):
+        _save(engine, run_dir, done, {"step": done, **record}, rank, protected, t.keep_checkpoints)
+
+    summary = run_steps(cfg, start_step, step, log, evaluate, checkpoint)
     logger.close()
     summary = write_final(run_dir, summary, t.steps, lambda: _evaluate(engine, dataset, cfg, device, micro),
                           write=rank == 0)  # every rank evaluates (ZeRO-3 gathers the weights); rank 0 writes

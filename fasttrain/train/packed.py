@@ -24,31 +24,28 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fasttrain.config import Config, ConfigError, config_from_dict, seq_len
+from fasttrain.data.sampler import open_training_stream
 from fasttrain.model import GPT, causal_attention
 from fasttrain.train.checkpoint import checkpoint_path, list_checkpoints, prune_checkpoints, save_checkpoint
 from fasttrain.train.device import autocast, autocast_dtype, compiled, peak_flops, resolve_device
-from fasttrain.train.metrics import MetricsLogger
+from fasttrain.train.loop import check_finite, protected_steps, run_steps
+from fasttrain.train.metrics import MetricsLogger, step_record
 from fasttrain.train.trainer import (
+    build_model,
     check_same_config,
-    is_checkpoint_step,
+    evaluate_during_training,
     load_saved_config,
+    make_optimizer,
     rng_state,
     set_rng_state,
     write_final,
-    build_model,
-    evaluate_during_training,
-    lr_at,
-    make_optimizer,
-    open_training_stream,
 )
 
 # Elements of one group's logits in the packed fused loss (512 MB in bf16), the single-model kernel's budget.
@@ -437,66 +434,59 @@ def train_packed(cfgs: list[Config], resume: bool = False) -> list[dict]:
     peak = peak_flops(device)
     loggers = [MetricsLogger(c.train.out_dir, t.steps, start_step, tensorboard=t.tensorboard, display=False)
                for c in cfgs]
-    log_spaced = {s for s in range(1, t.steps + 1) if t.checkpoint_log_spaced and s & (s - 1) == 0}
-    summaries = [{} for _ in cfgs]
+    protected = protected_steps(cfg)
     packed.train()
-    tick, tick_step = time.time(), start_step
     streams = [stream.iter_batches(start_step, t.steps - start_step, t.global_batch, prefetch=0)
                for _, stream in opened]
     pin = device.type == "cuda"
-    for step in range(start_step, t.steps):
-        lr = lr_at(step, cfg)
+
+    def step(lr):
         tokens = torch.empty((K, t.global_batch, T + 1), dtype=torch.int64, pin_memory=pin)
         torch.stack([next(batches) for batches in streams], out=tokens)
-        loss, grad_norm = packed_train_step(packed, optimizer, tokens.to(device, non_blocking=True), micro, lr,
-                                            cfg.optim.grad_clip, amp_dtype, step_model, clip_fn)
-        done = step + 1
+        return packed_train_step(packed, optimizer, tokens.to(device, non_blocking=True), micro, lr,
+                                 cfg.optim.grad_clip, amp_dtype, step_model, clip_fn)
 
-        if done % t.log_every == 0 or done == t.steps:
-            losses, norms = loss.tolist(), grad_norm.tolist()  # the only host sync of a step, when logging
-            elapsed = max(time.time() - tick, 1e-9)
-            tok_s = (done - tick_step) * t.global_batch * T / elapsed
-            for k, c in enumerate(cfgs):
-                if not math.isfinite(losses[k]):
-                    raise FloatingPointError(f"loss is {losses[k]} at step {done} in {c.train.out_dir}: lower "
-                                             "optim.lr or check the data")
-                record = {"step": done, "tokens": done * t.global_batch * T, "loss": losses[k], "lr": lr,
-                          "grad_norm": norms[k], "tokens_per_s": tok_s}
-                if peak:
-                    record["mfu"] = flops_per_step * (done - tick_step) / elapsed / peak
-                loggers[k].log(record)
-            print(f"step {done}/{t.steps} {K} runs: loss {min(losses):.4f}..{max(losses):.4f} lr {lr:.3g} "
-                  f"tok/s {K * tok_s:.4g} in all", flush=True)
-            tick, tick_step = time.time(), done
-        evaluate = (t.eval_every and done % t.eval_every == 0) or done == t.steps
-        checkpoint = is_checkpoint_step(done, cfg)
-        if evaluate or checkpoint:
-            packed_optimizer_state = optimizer.state_dict() if checkpoint else None
-            for k, c in enumerate(cfgs):
-                single.load_state_dict(packed.model_state(k))
-                if evaluate:
-                    summaries[k] = {"step": done, **evaluate_during_training(single, datasets[k], c, device, amp_dtype)}
-                    loggers[k].log(summaries[k])
-                if checkpoint:
-                    state = {"model": single.state_dict(), "optimizer": run_optimizer_state(packed_optimizer_state, k),
-                             "step": done, "rng": rng_state(), "config": c.to_dict(), "vocab_size": vocab}
-                    # Older checkpoints go only once every run has its new one: a kill in between
-                    # leaves a step that all runs share.
-                    save_checkpoint(c.train.out_dir, done, state, keep=True)
-            if evaluate:
-                test_losses = [summary["test_loss"] for summary in summaries]
-                print(f"step {done} {K} runs: test_loss {min(test_losses):.4f}..{max(test_losses):.4f}", flush=True)
-            if checkpoint and not t.keep_checkpoints:
-                for c in cfgs:
-                    prune_checkpoints(c.train.out_dir, done, log_spaced)
-            packed.train()
-            tick = time.time()  # evaluation and checkpoint time is not training time
+    def log(done, lr, loss, grad_norm, steps_timed, elapsed):
+        losses, norms = loss.tolist(), grad_norm.tolist()  # the only host sync of a step, when logging
+        for k, c in enumerate(cfgs):
+            check_finite(losses[k], done, f" in {c.train.out_dir}")
+            loggers[k].log(step_record(done, t.global_batch * T, losses[k], lr, norms[k], steps_timed, elapsed,
+                                       flops_per_step, peak))
+        tok_s = K * steps_timed * t.global_batch * T / max(elapsed, 1e-9)
+        print(f"step {done}/{t.steps} {K} runs: loss {min(losses):.4f}..{max(losses):.4f} lr {lr:.3g} "
+              f"tok/s {tok_s:.4g} in all", flush=True)
+
+    def run_model(k):
+        """Run k's current weights in the plain GPT, to evaluate or save."""
+        single.load_state_dict(packed.model_state(k))
+        return single
+
+    def evaluate_run(k, c):
+        return evaluate_during_training(run_model(k), datasets[k], c, device, amp_dtype)
+
+    def evaluate(done):
+        summaries = [{"step": done, **evaluate_run(k, c)} for k, c in enumerate(cfgs)]
+        for logger, summary in zip(loggers, summaries):
+            logger.log(summary)
+        test_losses = [summary["test_loss"] for summary in summaries]
+        print(f"step {done} {K} runs: test_loss {min(test_losses):.4f}..{max(test_losses):.4f}", flush=True)
+        packed.train()
+        return summaries
+
+    def checkpoint(done):
+        packed_optimizer_state = optimizer.state_dict()
+        for k, c in enumerate(cfgs):
+            state = {"model": run_model(k).state_dict(), "optimizer": run_optimizer_state(packed_optimizer_state, k),
+                     "step": done, "rng": rng_state(), "config": c.to_dict(), "vocab_size": vocab}
+            # Older checkpoints go only once every run has its new one: a kill in between leaves a step
+            # that all runs share.
+            save_checkpoint(c.train.out_dir, done, state, keep=True)
+        if not t.keep_checkpoints:
+            for c in cfgs:
+                prune_checkpoints(c.train.out_dir, done, protected)
+
+    summaries = run_steps(cfg, start_step, step, log, evaluate, checkpoint) or [{} for _ in cfgs]
     for logger in loggers:
         logger.close()
-    for k, c in enumerate(cfgs):
-        def evaluate_run(k=k, c=c):
-            single.load_state_dict(packed.model_state(k))
-            return evaluate_during_training(single, datasets[k], c, device, amp_dtype)
-
-        summaries[k] = write_final(c.train.out_dir, summaries[k], t.steps, evaluate_run)
-    return summaries
+    return [write_final(c.train.out_dir, summaries[k], t.steps, lambda k=k, c=c: evaluate_run(k, c))
+            for k, c in enumerate(cfgs)]

@@ -11,9 +11,7 @@ exactly the losses of the uninterrupted run.
 from __future__ import annotations
 
 import json
-import math
 import os
-import time
 
 import torch
 
@@ -22,18 +20,8 @@ from fasttrain.data.sampler import open_training_stream
 from fasttrain.model import GPT
 from fasttrain.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
 from fasttrain.train.device import autocast, autocast_dtype, compiled, peak_flops, resolve_device
+from fasttrain.train.loop import check_finite, protected_steps, run_steps
 from fasttrain.train.metrics import MetricsLogger, step_record
-
-
-def lr_at(step: int, cfg: Config) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine decay or constant."""
-    o, total = cfg.optim, cfg.train.steps
-    if step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    if o.schedule == "constant":
-        return o.lr
-    progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
-    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device, model_dims: int = 0) -> torch.optim.AdamW:
@@ -77,15 +65,6 @@ def check_same_config(saved: dict, cfg: Config, run_dir: str) -> None:
                     f"{section}.{key}: {value!r} differs from {old!r} in the run being resumed ({run_dir}); "
                     "use the same config or another train.out_dir"
                 )
-
-
-def is_checkpoint_step(step: int, cfg: Config) -> bool:
-    t = cfg.train
-    if step == t.steps:
-        return True
-    if t.checkpoint_every and step % t.checkpoint_every == 0:
-        return True
-    return t.checkpoint_log_spaced and step & (step - 1) == 0
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor, micro_batch: int,
@@ -146,52 +125,36 @@ def train(cfg: Config, resume: bool = False) -> dict:
     flops_per_step = model.flops_per_token(T) * t.global_batch * T
     peak = peak_flops(device)
     logger = MetricsLogger(run_dir, t.steps, start_step, tensorboard=t.tensorboard)
-    log_spaced = {s for s in range(1, t.steps + 1) if t.checkpoint_log_spaced and s & (s - 1) == 0}
-    summary = {}
+    protected = protected_steps(cfg)
     model.train()
-    tick, tick_step = time.time(), start_step
     # prefetch=0: a read-ahead thread measured slower than reading in the loop (it competes for the GIL)
     batches = stream.iter_batches(start_step, t.steps - start_step, t.global_batch, prefetch=0)
-    for step in range(start_step, t.steps):
-        lr = lr_at(step, cfg)
-        tokens = next(batches).to(device, non_blocking=True)
-        loss, grad_norm = train_step(model, optimizer, tokens, micro, lr, cfg.optim.grad_clip, amp_dtype, step_model)
-        done = step + 1
 
-        if done % t.log_every == 0 or done == t.steps:
-            loss_value = loss.item()  # the only host sync of a step, and only when logging
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss is {loss_value} at step {done}: lower optim.lr or check the data")
-            logger.log(step_record(done, t.global_batch * T, loss_value, lr, grad_norm, done - tick_step,
-                                   time.time() - tick, flops_per_step, peak))
-            tick, tick_step = time.time(), done
-        if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
-            summary = {"step": done, **evaluate_during_training(model, dataset, cfg, device, amp_dtype)}
-            logger.log(summary)
-            model.train()
-        if is_checkpoint_step(done, cfg):
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
-                     "rng": rng_state(), "config": cfg.to_dict(), "vocab_size": model.vocab_size}
-            save_checkpoint(run_dir, done, state, keep=t.keep_checkpoints, protected=log_spaced)
-            tick = time.time()  # checkpoint time is not training time
+    def step(lr):
+        tokens = next(batches).to(device, non_blocking=True)
+        return train_step(model, optimizer, tokens, micro, lr, cfg.optim.grad_clip, amp_dtype, step_model)
+
+    def log(done, lr, loss, grad_norm, steps_timed, elapsed):
+        loss_value = loss.item()  # the only host sync of a step, and only when logging
+        check_finite(loss_value, done)
+        logger.log(step_record(done, t.global_batch * T, loss_value, lr, grad_norm, steps_timed, elapsed,
+                               flops_per_step, peak))
+
+    def evaluate(done):
+        summary = {"step": done, **evaluate_during_training(model, dataset, cfg, device, amp_dtype)}
+        logger.log(summary)
+        model.train()
+        return summary
+
+    def checkpoint(done):
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
+                 "rng": rng_state(), "config": cfg.to_dict(), "vocab_size": model.vocab_size}
+        save_checkpoint(run_dir, done, state, keep=t.keep_checkpoints, protected=protected)
+
+    summary = run_steps(cfg, start_step, step, log, evaluate, checkpoint)
     logger.close()
     return write_final(run_dir, summary, t.steps,
                        lambda: evaluate_during_training(model, dataset, cfg, device, amp_dtype))
-
-
-def write_final(run_dir: str, summary: dict, steps: int, evaluate, write: bool = True) -> dict:
-    """Write RUN/final.json (the last evaluation) and return it. An empty summary means the run was resumed
-    after its last step: its final.json is read back, or, when the run was stopped between its last
-    checkpoint and final.json, the evaluation is made again (evaluate() -> metrics)."""
-    path = os.path.join(run_dir, "final.json")
-    if not summary:
-        if os.path.exists(path):
-            with open(path) as f:
-                return json.load(f)
-        summary = {"step": steps, **evaluate()}
-    if write:
-        write_json_atomic(path, summary)
-    return summary
 
 
 def evaluate_during_training(model: GPT, dataset, cfg: Config, device, amp_dtype, batch_size: int | None = None) -> dict:
@@ -207,6 +170,21 @@ def load_saved_config(run_dir: str) -> dict:
 
     with open(os.path.join(run_dir, "config.yaml")) as f:
         return yaml.safe_load(f)
+
+
+def write_final(run_dir: str, summary: dict, steps: int, evaluate, write: bool = True) -> dict:
+    """Write RUN/final.json (the last evaluation) and return it. An empty summary means the run was resumed
+    after its last step: its final.json is read back, or, when the run was stopped between its last
+    checkpoint and final.json, the evaluation is made again (evaluate() -> metrics)."""
+    path = os.path.join(run_dir, "final.json")
+    if not summary:
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+        summary = {"step": steps, **evaluate()}
+    if write:
+        write_json_atomic(path, summary)
+    return summary
 
 
 def write_json_atomic(path: str, doc: dict) -> None:
