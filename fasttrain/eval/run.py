@@ -25,7 +25,6 @@ cannot run is an error.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -35,6 +34,7 @@ import torch
 
 from fasttrain.config import Config, ConfigError, config_from_dict, load_config, seq_len
 from fasttrain.model import GPT
+from fasttrain.train.metrics import write_json_atomic
 
 ALL_METRICS = ("test", "repeated", "seen", "copying", "induction", "icl")
 _STRIP_PREFIXES = ("module.", "_orig_mod.")  # DeepSpeed / DDP wrappers, torch.compile
@@ -331,12 +331,8 @@ def evaluate_checkpoint(path: str, dataset_path: str | None = None, metrics=None
     }
     out_path = out or default_output_path(loaded.path)
     if write:
-        folder = os.path.dirname(os.path.abspath(out_path))
-        os.makedirs(folder, exist_ok=True)
-        tmp = out_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=1)
-        os.replace(tmp, out_path)
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        write_json_atomic(out_path, doc)
     return doc, out_path
 
 

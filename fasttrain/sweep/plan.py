@@ -21,8 +21,8 @@ from typing import Optional
 
 from fasttrain.config import seq_len
 from fasttrain.sweep.grid import RunSpec, SweepSpec, expand
-from fasttrain.sweep.runner import MANIFEST, plan_jobs, read_json, resolve_pack, write_json_atomic
-from fasttrain.train.metrics import read_metrics
+from fasttrain.sweep.runner import MANIFEST, plan_jobs, read_json, resolve_pack
+from fasttrain.train.metrics import read_metrics, write_json_atomic
 
 THROUGHPUT = "throughput.json"
 MEASURE_WARMUP_STEPS = 2

@@ -36,6 +36,7 @@ from typing import Callable, Optional
 import yaml
 
 from fasttrain.sweep.grid import RunSpec, SweepError, SweepSpec, expand
+from fasttrain.train.metrics import write_json_atomic
 
 MANIFEST = "manifest.json"
 STATES = ("pending", "running", "evaluating", "done", "failed", "interrupted")
@@ -43,15 +44,6 @@ STATES = ("pending", "running", "evaluating", "done", "failed", "interrupted")
 
 def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
-
-
-def write_json_atomic(path: str, doc: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_json(path: str) -> Optional[dict]:

@@ -47,7 +47,7 @@ from fasttrain.data.sampler import open_training_stream
 from fasttrain.train.checkpoint import checkpoint_path, list_checkpoints, save_atomic
 from fasttrain.train.device import autocast_dtype, peak_flops
 from fasttrain.train.loop import check_finite, protected_steps, run_steps
-from fasttrain.train.metrics import MetricsLogger, step_record
+from fasttrain.train.metrics import MetricsLogger, step_record, write_json_atomic
 from fasttrain.train.trainer import (
     build_model,
     check_same_config,
@@ -197,12 +197,7 @@ def list_ds_checkpoints(folder: str, complete: bool = True) -> list[tuple[int, s
 
 
 def _write_marker(tag_dir: str, record: dict) -> None:
-    tmp = os.path.join(tag_dir, COMPLETE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(tag_dir, COMPLETE))
+    write_json_atomic(os.path.join(tag_dir, COMPLETE), record)
 
 
 def _point_latest(folder: str, tag: str) -> None:

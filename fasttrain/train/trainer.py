@@ -21,7 +21,7 @@ from fasttrain.model import GPT
 from fasttrain.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
 from fasttrain.train.device import autocast, autocast_dtype, compiled, peak_flops, resolve_device
 from fasttrain.train.loop import check_finite, protected_steps, run_steps
-from fasttrain.train.metrics import MetricsLogger, step_record
+from fasttrain.train.metrics import MetricsLogger, step_record, write_json_atomic
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device, model_dims: int = 0) -> torch.optim.AdamW:
@@ -185,10 +185,3 @@ def write_final(run_dir: str, summary: dict, steps: int, evaluate, write: bool =
     if write:
         write_json_atomic(path, summary)
     return summary
-
-
-def write_json_atomic(path: str, doc: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
