@@ -209,3 +209,22 @@ def test_killed_packed_sweep_resumes_its_pack(tmp_path, dataset_dir, alone, caps
     for name, run_dir in zip(RUNS, run_dirs):
         assert logged_steps(run_dir) == list(range(10, STEPS + 1, 10)), name
         assert final_test_loss(sweep_dir, name) == pytest.approx(alone[name], rel=1e-4), name
+
+
+def test_pack_evaluation_that_stops_early_fails_only_the_runs_left(tmp_path, dataset_dir):
+    # Three trained runs are evaluated in one process; the second one's checkpoint is gone, so the process
+    # stops there: the first run is done, the other two wait for their evaluation (and say why).
+    sweep_dir = str(tmp_path / "sweep")
+    tree = sweep_tree(sweep_dir, dataset_dir, budget={"steps": 20}, pack=3)
+    result = run_sweep(spec_from_dict(tree), progress=False)
+    assert sorted(result.done) == sorted(RUNS)
+    broken = os.path.join(sweep_dir, "runs", RUNS[1], "checkpoints")
+    for name in os.listdir(broken):
+        os.remove(os.path.join(broken, name))
+    result = run_sweep(spec_from_dict({**tree, "evaluate": ["test"]}), progress=False)
+    assert result.done == [RUNS[0]] and result.failed == list(RUNS[1:])
+    entries = read_manifest(sweep_dir)
+    assert entries[RUNS[0]]["state"] == "done" and entries[RUNS[0]]["eval"]["test_loss"] > 0
+    for name in RUNS[1:]:
+        assert entries[name]["state"] == "evaluating" and "evaluation exited with" in entries[name]["error"]
+    assert not os.path.exists(os.path.join(sweep_dir, "runs", RUNS[2], "eval.json"))
