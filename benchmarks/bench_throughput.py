@@ -17,6 +17,7 @@ FLOPs per token (GPT.flops_per_token): 6 * N + 6 * n_layer * seq_len * d_model, 
 parameters + the tied output head (V * d) and the second term is QK^T and AV over the causal half, forward
 and backward. MFU = achieved FLOP/s / the bf16 matmul rate measured on the same GPU (measured_matmul_flops).
 peak_mem_mb: the most memory allocated during a step, weights and optimizer state included.
+ops_per_step: what one step launches (GPU kernels; on a CPU, top-level aten operators).
 Packed rows give the pack's total tokens/s and its speedup over training the same runs one at a time, i.e.
 over a single run's step of the same batch: plain eager, plain compiled, and fasttrain with the same backends.
 Rows accumulate in benchmarks/results/throughput-<device>.json: a later invocation replaces the rows it
@@ -170,6 +171,22 @@ def free_memory():
         torch.cuda.empty_cache()
 
 
+def ops_per_step(step) -> int:
+    """What one step launches: GPU kernels (and copies) on a GPU; top-level aten operators on a CPU, where
+    each would be at least one launch. A packed step should cost about as many as one run's step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    if cuda:
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return sum(1 for e in prof.events() if e.name.startswith("aten::")
+               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
+
 def measure(make_step, micro, tokens_per_step, flops_per_step, peak, args):
     """Time a step built by make_step(micro), halving the micro-batch on out-of-memory. Returns row fields."""
     while True:
@@ -182,6 +199,7 @@ def measure(make_step, micro, tokens_per_step, flops_per_step, peak, args):
                 torch.cuda.synchronize()
             first_s = time.perf_counter() - t0
             ms = time_ms(step, args.warmup, args.iters)
+            ops = ops_per_step(step)
             base = torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else float("nan")
             mem = base + peak_memory_mb(step)
             break
@@ -198,7 +216,7 @@ def measure(make_step, micro, tokens_per_step, flops_per_step, peak, args):
     achieved = flops_per_step / (ms / 1e3)
     return {"micro_batch": micro, "step_ms": ms, "tokens_per_s": tokens_per_step / (ms / 1e3),
             "tflops": achieved / 1e12, "mfu": achieved / peak if peak else float("nan"),
-            "peak_mem_mb": mem, "first_step_s": first_s}
+            "peak_mem_mb": mem, "first_step_s": first_s, "ops_per_step": ops}
 
 
 def bench_row(part, preset, impl, attention, loss, mode, K, batch, seq_len, args, device, amp, peak):
@@ -386,7 +404,7 @@ def main(argv=None):
         packed_rows(args, device, amp, peak, emit)
 
     columns = ["part", "preset", "impl", "attention", "loss", "compile", "K", "batch", "micro_batch", "seq_len",
-               "step_ms", "tokens_per_s", "tflops", "mfu", "peak_mem_mb", "first_step_s"]
+               "step_ms", "tokens_per_s", "tflops", "mfu", "peak_mem_mb", "first_step_s", "ops_per_step"]
     for part, speedups in (("ladder", ["speedup_vs_plain"]),
                            ("packed", ["speedup_vs_plain_eager", "speedup_vs_plain_compiled",
                                        "speedup_vs_fasttrain_single"])):
