@@ -7,12 +7,15 @@ import pytest
 import torch
 
 from fasttrain.config import ConfigError, config_from_dict
+from fasttrain.data import open_dataset
+from fasttrain.eval.loss import heldout_loss
 from fasttrain.model import GPT
 from fasttrain.train.checkpoint import list_checkpoints
 from fasttrain.train.packed import (
     PackedGPT,
     check_packable,
     clip_grad_norm_per_model,
+    packed_heldout_loss,
     packing_key,
     train_packed,
 )
@@ -225,6 +228,25 @@ def test_packed_model_matches_gpt(attention, loss):
         for name, p in model.named_parameters():
             torch.testing.assert_close(packed.get_parameter(name).grad[k], p.grad, rtol=1e-4, atol=1e-6)
     assert len(set(norms.tolist())) == 3
+
+
+@pytest.mark.parametrize("attention, loss", [("torch", "torch"), ("triton", "triton")])
+def test_packed_heldout_loss_matches_each_model(dataset_dir, attention, loss):
+    # The pack's evaluation during training: one pass of the stacked model gives each run its own
+    # held-out metrics, as heldout_loss of that run alone (batch of 3 windows: the last batch is short).
+    dataset = open_dataset(dataset_dir)
+    models = []
+    for i in range(3):
+        torch.manual_seed(i)
+        models.append(GPT(2, 32, 2, dataset.vocab_size, 32, attention=attention, loss=loss).to(DEVICE))
+    packed = PackedGPT.from_models(models, device=DEVICE)
+    results = packed_heldout_loss(packed, dataset, 32, max_tokens=8 * 32, batch_size=3, device=DEVICE)
+    for model, result in zip(models, results):
+        alone = heldout_loss(model, dataset, 32, max_tokens=8 * 32, batch_size=3, device=DEVICE)
+        assert result.keys() == alone.keys() and result["test_tokens"] == alone["test_tokens"] == 8 * 32
+        for key in ("test_loss", "test_bits_per_byte"):
+            assert result[key] == pytest.approx(alone[key], rel=1e-6)
+    assert len({round(r["test_loss"], 6) for r in results}) == 3
 
 
 @pytest.mark.parametrize("logits_budget", [None, 2 * 20 * 50, 500])  # all models at once, groups of 2, model by model

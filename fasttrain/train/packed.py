@@ -17,12 +17,15 @@ Each run keeps what makes it a run of its own:
   - its run folder, written as the plain trainer writes it: config.yaml, checkpoints with the plain GPT
     state dicts (so `fasttrain train --resume`, eval and export take them, and a packed group resumes
     from plain checkpoints), metrics.jsonl and final.json.
+Runs that share a dataset are evaluated together: the stacked model reads the test windows once and gives
+each run the held-out metrics heldout_loss would give it alone.
 Losses equal K separate train() runs up to floating-point reduction order (fp32 on a CPU: ~1e-6 relative).
 In metrics.jsonl, tokens_per_s and mfu are each run's own share; the group trains K times that.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 
@@ -267,6 +270,29 @@ def packed_linear_cross_entropy(hidden, weight, targets):
                                               torch.is_grad_enabled())
 
 
+# ---- held-out loss of every model at once ---------------------------------------------------------------
+@torch.no_grad()
+def packed_heldout_loss(packed: PackedGPT, dataset, seq_len: int, max_tokens: int, batch_size: int, device,
+                        amp_dtype=None) -> list[dict]:
+    """fasttrain.eval.loss.heldout_loss of each model of the pack, for runs that share the dataset: the same
+    test windows go through the stacked model once, instead of once per run."""
+    from fasttrain.eval.common import read_windows
+    from fasttrain.eval.loss import heldout_record, heldout_window_ids, loss_record, predicted_bytes
+
+    windows = read_windows(dataset, "test", heldout_window_ids(dataset, seq_len, max_tokens), seq_len)
+    tokens = torch.from_numpy(windows)
+    nats = torch.zeros(packed.num_models, dtype=torch.float64, device=device)
+    packed.eval()
+    for start in range(0, len(tokens), max(1, batch_size)):
+        chunk = tokens[start:start + batch_size].to(device)
+        batch = chunk.expand(packed.num_models, *chunk.shape)  # every model reads the same windows
+        with autocast(device, amp_dtype):
+            mean_losses = packed(batch[..., :-1], batch[..., 1:])
+        nats += mean_losses.double() * chunk[:, 1:].numel()
+    n_tokens, n_bytes = windows.shape[0] * seq_len, predicted_bytes(dataset, windows)
+    return [heldout_record(loss_record(total, n_tokens, n_bytes)) for total in nats.tolist()]
+
+
 # ---- optimizer and step ------------------------------------------------------------------------------
 def make_packed_optimizer(packed: PackedGPT, cfg: Config, device: torch.device) -> torch.optim.AdamW:
     """The plain trainer's AdamW over the stacked tensors (the leading dimension is the model). The groups
@@ -461,11 +487,17 @@ def train_packed(cfgs: list[Config], resume: bool = False) -> list[dict]:
         single.load_state_dict(packed.model_state(k))
         return single
 
-    def evaluate_run(k, c):
-        return evaluate_during_training(run_model(k), datasets[k], c, device, amp_dtype)
+    shared_dataset = len({os.path.realpath(c.data.path) for c in cfgs}) == 1
+
+    def heldout_losses():
+        """Each run's held-out metrics, as the plain trainer's evaluation gives them."""
+        if shared_dataset:  # one pass of the stacked model over the test windows
+            return packed_heldout_loss(packed, datasets[0], T, t.eval_tokens, t.micro_batch or t.global_batch,
+                                       device, amp_dtype)
+        return [evaluate_during_training(run_model(k), datasets[k], c, device, amp_dtype) for k, c in enumerate(cfgs)]
 
     def evaluate(done):
-        summaries = [{"step": done, **evaluate_run(k, c)} for k, c in enumerate(cfgs)]
+        summaries = [{"step": done, **result} for result in heldout_losses()]
         for logger, summary in zip(loggers, summaries):
             logger.log(summary)
         test_losses = [summary["test_loss"] for summary in summaries]
@@ -488,5 +520,6 @@ def train_packed(cfgs: list[Config], resume: bool = False) -> list[dict]:
     summaries = run_steps(cfg, start_step, step, log, evaluate, checkpoint) or [{} for _ in cfgs]
     for logger in loggers:
         logger.close()
-    return [write_final(c.train.out_dir, summaries[k], t.steps, lambda k=k, c=c: evaluate_run(k, c))
-            for k, c in enumerate(cfgs)]
+    final_losses = functools.cache(heldout_losses)  # evaluated once, if a run lacks its final.json
+    return [write_final(c.train.out_dir, summary, t.steps, lambda k=k: final_losses()[k])
+            for k, (c, summary) in enumerate(zip(cfgs, summaries))]
