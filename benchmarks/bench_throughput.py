@@ -12,7 +12,7 @@ GPU (fp32 on a CPU). The micro-batch starts at the whole batch and halves until 
              fused on a GPU) and clipping; eager, and torch.compile(model) as train.compile does.
   plain      the GPT a user would write, defined below with the same shapes (nn.Linear, SDPA,
              F.cross_entropy on materialized logits, fused AdamW); eager and compiled.
-  packed     K runs as one PackedGPT step (fasttrain.train.packed.packed_train_step); eager and compiled.
+  packed     K runs as one PackedGPT step (the same train_step, per-model clipping); eager and compiled.
 FLOPs per token (GPT.flops_per_token): 6 * N + 6 * n_layer * seq_len * d_model, where N = non-embedding
 parameters + the tied output head (V * d) and the second term is QK^T and AV over the causal half, forward
 and backward. MFU = achieved FLOP/s / the bf16 matmul rate measured on the same GPU (measured_matmul_flops).
@@ -53,7 +53,6 @@ from fasttrain.train.packed import (  # noqa: E402
     PackedGPT,
     clip_grad_norm_per_model,
     make_packed_optimizer,
-    packed_train_step,
 )
 from fasttrain.train.trainer import build_model, make_optimizer, train_step  # noqa: E402
 
@@ -146,7 +145,7 @@ def packed_step(preset, attention, loss, K, batch, micro, seq_len, vocab, mode, 
     tokens = torch.randint(0, vocab, (K, batch, seq_len + 1), device=device)
 
     def step():
-        packed_train_step(packed, optimizer, tokens, micro, cfg.optim.lr, cfg.optim.grad_clip, amp, step_model, clip_fn)
+        train_step(packed, optimizer, tokens, micro, cfg.optim.lr, cfg.optim.grad_clip, amp, step_model, clip_fn)
 
     return step
 

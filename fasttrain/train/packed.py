@@ -48,6 +48,7 @@ from fasttrain.train.trainer import (
     make_optimizer,
     rng_state,
     set_rng_state,
+    train_step,
     write_final,
 )
 
@@ -312,33 +313,6 @@ def clip_grad_norm_per_model(parameters, max_norm: float) -> torch.Tensor:
     return total
 
 
-def packed_train_step(packed: PackedGPT, optimizer: torch.optim.Optimizer, tokens: torch.Tensor, micro_batch: int,
-                      lr: float, grad_clip: float, amp_dtype: torch.dtype | None = None, step_model=None,
-                      clip_fn=clip_grad_norm_per_model):
-    """One optimizer step of every run in the pack, as the plain trainer takes it for one run.
-
-    tokens (K, global_batch, T + 1) on the pack's device; step_model: the module to call for the loss
-    (e.g. torch.compile(packed)), default packed; clip_fn: clip_grad_norm_per_model or its compiled form
-    (eagerly it is two small kernels per parameter tensor). Returns the (K,) mean losses and pre-clip
-    gradient norms as device tensors: nothing here waits for the GPU.
-    """
-    step_model = packed if step_model is None else step_model
-    device = tokens.device
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    accum = tokens.shape[1] // micro_batch
-    loss_sum = torch.zeros(tokens.shape[0], device=device)
-    for chunk in tokens.split(micro_batch, dim=1):
-        with autocast(device, amp_dtype):
-            losses = step_model(chunk[..., :-1], chunk[..., 1:])
-        (losses.sum() / accum).backward()  # d sum / d loss_k = 1: each model gets exactly its own gradient
-        loss_sum += losses.detach()
-    grad_norm = clip_fn(list(packed.parameters()), grad_clip or float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_sum / accum, grad_norm
-
-
 def run_optimizer_state(packed_state: dict, k: int) -> dict:
     """Run k's slice of the packed optimizer's state_dict(): the state dict its plain AdamW would have."""
     state = {i: {key: (value.clone() if key == "step" else value[k].clone()) for key, value in s.items()}
@@ -469,8 +443,8 @@ def train_packed(cfgs: list[Config], resume: bool = False) -> list[dict]:
     def step(lr):
         tokens = torch.empty((K, t.global_batch, T + 1), dtype=torch.int64, pin_memory=pin)
         torch.stack([next(batches) for batches in streams], out=tokens)
-        return packed_train_step(packed, optimizer, tokens.to(device, non_blocking=True), micro, lr,
-                                 cfg.optim.grad_clip, amp_dtype, step_model, clip_fn)
+        return train_step(packed, optimizer, tokens.to(device, non_blocking=True), micro, lr, cfg.optim.grad_clip,
+                          amp_dtype, step_model, clip_fn)
 
     def log(done, lr, loss, grad_norm, steps_timed, elapsed):
         losses, norms = loss.tolist(), grad_norm.tolist()  # the only host sync of a step, when logging

@@ -68,25 +68,28 @@ def check_same_config(saved: dict, cfg: Config, run_dir: str) -> None:
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor, micro_batch: int,
-               lr: float, grad_clip: float, amp_dtype: torch.dtype | None = None, step_model=None):
+               lr: float, grad_clip: float, amp_dtype: torch.dtype | None = None, step_model=None,
+               clip_fn=torch.nn.utils.clip_grad_norm_):
     """One optimizer step: forward and backward of every micro-batch (gradients accumulated as the mean
     over the batch), clipping, AdamW, zero_grad.
 
-    tokens (global_batch, T + 1) on the model's device; step_model: the module to call for the loss (e.g.
-    torch.compile(model)), default model. Returns the mean loss and the pre-clip gradient norm as device
-    tensors: nothing here waits for the GPU.
+    tokens (global_batch, T + 1) on the model's device, or (K, global_batch, T + 1) for a PackedGPT, whose
+    loss is each model's (K,): their sum backpropagates every model with exactly its own gradient.
+    step_model: the module to call for the loss (e.g. torch.compile(model)), default model; clip_fn:
+    clip_grad_norm_, or the packed trainer's per-model clipping. Returns the mean loss(es) and the pre-clip
+    gradient norm(s) as device tensors: nothing here waits for the GPU.
     """
     step_model = model if step_model is None else step_model
     for group in optimizer.param_groups:
         group["lr"] = lr
-    accum = tokens.shape[0] // micro_batch
-    loss_sum = torch.zeros((), device=tokens.device)
-    for chunk in tokens.split(micro_batch):
+    accum = tokens.shape[-2] // micro_batch
+    loss_sum = 0
+    for chunk in tokens.split(micro_batch, dim=-2):
         with autocast(tokens.device, amp_dtype):
-            loss = step_model(chunk[:, :-1], chunk[:, 1:])
-        (loss / accum).backward()
-        loss_sum += loss.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+            loss = step_model(chunk[..., :-1], chunk[..., 1:])
+        (loss.sum() / accum).backward()
+        loss_sum = loss_sum + loss.detach()
+    grad_norm = clip_fn(list(model.parameters()), grad_clip or float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum / accum, grad_norm
