@@ -15,8 +15,9 @@ when the sweep asks for several GPUs or ZeRO), so a run killed with the sweep co
 checkpoint next time and a finished run is never trained again. With `pack: K` (or --pack K), up to K runs
 that differ only in what packed training allows (f, E, placement, seeds) and stopped at the same checkpoint
 step train as one job: `train --config A/config.yaml --config B/config.yaml ... --resume`, one stacked model
-on one device, then each run's evaluation. A run that trains alone is a pack of one. A run folder holds one
-config for good: if the sweep file changed what a run means, the sweep stops with an error naming the run.
+on one device, then `eval A B ...`, one process for the pack's evaluations. A run that trains alone is a
+pack of one. A run folder holds one config for good: if the sweep file changed what a run means, the sweep
+stops with an error naming the run.
 """
 from __future__ import annotations
 
