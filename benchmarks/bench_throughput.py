@@ -320,7 +320,7 @@ def parse_args(argv):
     p.add_argument("--micro-batch", type=int, help="first micro-batch to try (default: the whole batch)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default 2048, the presets' context; tiny 32)")
     p.add_argument("--vocab-size", type=int, help="vocabulary (default 8192; tiny 256)")
-    p.add_argument("--packed-presets", type=csv(), help="small presets to pack (default 100k,1.5m,13m; tiny 100k)")
+    p.add_argument("--packed-presets", type=csv(), help="small presets to pack (default 1.5m,3m,6m: the 1M-10M range; tiny 100k)")
     p.add_argument("--packed-k", type=csv(int), help="models per pack (default 16,64; tiny 4)")
     p.add_argument("--packed-batch", type=int, help="sequences per step of each packed run (default 16; tiny 2)")
     p.add_argument("--packed-seq-len", type=int, help="tokens per sequence of the packed runs (default 128; tiny 32)")
@@ -344,7 +344,7 @@ def parse_args(argv):
         "batch": 2 if tiny else 32,
         "seq_len": 32 if tiny else 2048,
         "vocab_size": 256 if tiny else 8192,
-        "packed_presets": ["100k"] if tiny else ["100k", "1.5m", "13m"],
+        "packed_presets": ["100k"] if tiny else ["1.5m", "3m", "6m"],
         "packed_k": [4] if tiny else [16, 64],
         "packed_batch": 2 if tiny else 16,
         "packed_seq_len": 32 if tiny else 128,
