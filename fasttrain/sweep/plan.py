@@ -263,6 +263,6 @@ def format_plan(doc: dict, jobs: int = 1) -> str:
     if unknown:
         msg += f" (+ {_plural(unknown, unit)} without an estimate)"
     if doc["evaluate"]:
-        msg += "; plus an evaluation after each run"
+        msg += "; plus an evaluation after each " + ("pack (one process for its runs)" if packed else "run")
     lines.append(msg)
     return "\n".join(lines)
