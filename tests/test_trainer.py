@@ -14,7 +14,7 @@ import yaml
 from fasttrain.config import ConfigError, load_config
 from fasttrain.data import open_dataset
 from fasttrain.train.checkpoint import list_checkpoints
-from fasttrain.train.loop import lr_at
+from fasttrain.train.loop import lr_at, run_steps
 from fasttrain.train.trainer import train
 
 
@@ -52,6 +52,36 @@ def test_lr_schedule():
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(10, cfg) == pytest.approx(1.0) and lr_at(99, cfg) == pytest.approx(0.1, abs=1e-3)
     assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 99))
+
+
+def test_run_steps_schedules_logs_evaluations_and_checkpoints():
+    # The one loop of every trainer: which steps log, evaluate and checkpoint, with which learning rate, and
+    # a throughput clock that leaves evaluation and checkpoint time out.
+    cfg = load_config(None, ["--model.preset", "100k", "--train.steps", "10", "--train.log_every", "4",
+                             "--train.eval_every", "5", "--train.checkpoint_every", "3",
+                             "--train.checkpoint_log_spaced", "true", "--optim.warmup_steps", "2"])
+    calls = []
+
+    def step(lr):
+        calls.append(("step", lr))
+        return len(calls), None
+
+    def log(done, lr, loss, grad_norm, steps_timed, elapsed):
+        calls.append(("log", done, steps_timed))
+        assert lr == lr_at(done - 1, cfg) and elapsed < 0.05  # the evaluations' sleeps are not counted
+
+    def evaluate(done):
+        time.sleep(0.05)
+        calls.append(("eval", done))
+        return {"step": done}
+
+    summary = run_steps(cfg, 2, step, log, evaluate, lambda done: calls.append(("checkpoint", done)))
+    assert summary == {"step": 10}
+    assert [c[1] for c in calls if c[0] == "step"] == [lr_at(s, cfg) for s in range(2, 10)]
+    assert [c[1:] for c in calls if c[0] == "log"] == [(4, 2), (8, 4), (10, 2)]
+    assert [c[1] for c in calls if c[0] == "eval"] == [5, 10]
+    assert [c[1] for c in calls if c[0] == "checkpoint"] == [3, 4, 6, 8, 9, 10]
+    assert run_steps(cfg, 10, step, log, evaluate, print) is None  # nothing left to run
 
 
 def test_loss_falls_below_unigram_entropy(dataset_dir, tmp_path):
