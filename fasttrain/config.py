@@ -293,6 +293,10 @@ def validate(cfg: Config) -> None:
         _check(getattr(t, k) >= 0, f"train.{k}: {getattr(t, k)} must be >= 0")
     _check(t.log_every >= 1, f"train.log_every: {t.log_every} must be at least 1")
     _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage: {cfg.deepspeed.zero_stage} must be 0, 1, 2 or 3")
+    # Under ZeRO-3 the module holds empty placeholders for its partitioned weights, which Dynamo traces.
+    _check(not (t.compile and cfg.deepspeed.zero_stage == 3),
+           "train.compile: not supported with deepspeed.zero_stage 3 (its partitioned weights cannot be traced); "
+           "set train.compile false or use ZeRO stage 1 or 2")
 
 
 def seq_len(cfg: Config) -> int:

@@ -38,6 +38,7 @@ def test_saved_config_round_trips(tmp_path):
     (["--train.steps", "2.5"], "train.steps"),
     (["--train.compile", "maybe"], "train.compile"),
     (["--train.compile_mode", "fast"], "train.compile_mode"),
+    (["--train.compile", "true", "--deepspeed.zero_stage", "3"], "train.compile"),
     (["--model.n_head", "5"], "model.d_model"),  # 256 not divisible by 5
     (["--optim.warmup_steps", "5000"], "optim.warmup_steps"),
     (["--model.attention", "cuda"], "model.attention"),
