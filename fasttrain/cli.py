@@ -39,7 +39,12 @@ def cmd_train(args, overrides) -> None:
     from fasttrain.train.trainer import train
 
     if args.config and len(args.config) > 1:  # several same-shape runs trained together on one device
+        from fasttrain.config import ConfigError
         from fasttrain.train.packed import train_packed
+
+        if is_distributed_launch():
+            raise ConfigError("several --config: packed training runs in one process on one device; start it "
+                              "with `fasttrain train`, not under deepspeed or torchrun")
 
         summaries = train_packed([load_config(path, overrides) for path in args.config], resume=args.resume)
         print(json.dumps(summaries))

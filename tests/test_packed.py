@@ -2,6 +2,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -160,6 +162,20 @@ def test_killed_pack_resumes_to_identical_losses(dataset_dir, separate_runs, tmp
     train(cfg, resume=True)
     assert _losses(alone) == pytest.approx(expected[1], rel=1e-6)
     assert _losses(alone) == pytest.approx(_losses(separate_runs[0][1]), rel=1e-5)
+
+
+def test_pack_under_a_distributed_launcher_is_refused(dataset_dir, tmp_path):
+    # Every rank would train the same pack into the same folders: refused before anything is written.
+    paths = []
+    for i, run in enumerate(RUNS[:2]):
+        cfg = _cfg(dataset_dir, tmp_path / f"run{i}", run)
+        paths += ["--config", str(tmp_path / f"run{i}.yaml")]
+        cfg.save(paths[-1])
+    env = dict(os.environ, WORLD_SIZE="2")
+    done = subprocess.run([sys.executable, "-m", "fasttrain.cli", "train", *paths], capture_output=True, text=True,
+                          env=env)
+    assert done.returncode == 2 and "packed training runs in one process" in done.stderr
+    assert not os.path.exists(tmp_path / "run0")
 
 
 @pytest.mark.parametrize("key, value, expected", [
