@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             args.func(args)
     except torch.cuda.OutOfMemoryError:
         print("error: out of GPU memory: lower train.micro_batch (gradient accumulation keeps the global "
-              "batch), use a smaller model.preset, or model.loss=triton", file=sys.stderr)
+              "batch), pack fewer runs (fewer --config, or a smaller sweep --pack), use a smaller model.preset, "
+              "or model.loss=triton", file=sys.stderr)
         return 1
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
