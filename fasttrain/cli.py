@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: out of GPU memory: lower train.micro_batch (gradient accumulation keeps the global "
               "batch), pack fewer runs (fewer --config, or a smaller sweep --pack), use a smaller model.preset, "
               "or model.loss=triton", file=sys.stderr)
-        return 1
+        return 2
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
