@@ -175,3 +175,18 @@ def test_bad_runs_fail_with_one_line(dataset_dir, tmp_path, overrides, expected)
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], res.stderr
     assert not list_checkpoints(str(tmp_path / "run"))
+
+
+def test_out_of_memory_fails_with_one_line(dataset_dir, tmp_path, monkeypatch, capsys):
+    import torch
+
+    from fasttrain import cli
+    from fasttrain.train import trainer
+
+    def out_of_memory(cfg, resume=False):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trainer, "train", out_of_memory)
+    assert cli.main(["train", "--config", _write_cfg(tmp_path, _cfg(dataset_dir, tmp_path / "run"))]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: out of GPU memory: lower train.micro_batch")
