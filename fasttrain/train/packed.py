@@ -466,8 +466,7 @@ def train_packed(cfgs: list[Config], resume: bool = False) -> list[dict]:
     def heldout_losses():
         """Each run's held-out metrics, as the plain trainer's evaluation gives them."""
         if shared_dataset:  # one pass of the stacked model over the test windows
-            return packed_heldout_loss(packed, datasets[0], T, t.eval_tokens, t.micro_batch or t.global_batch,
-                                       device, amp_dtype)
+            return packed_heldout_loss(packed, datasets[0], T, t.eval_tokens, micro, device, amp_dtype)
         return [evaluate_during_training(run_model(k), datasets[k], c, device, amp_dtype) for k, c in enumerate(cfgs)]
 
     def evaluate(done):
