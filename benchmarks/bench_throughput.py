@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_throughput                                # GPU: ladder + packed, the defaults below
     python -m benchmarks.bench_throughput --presets 800m --compile on --skip-packed
+    python -m benchmarks.bench_throughput --presets all --compile off --skip-packed   # every ladder size
     python -m benchmarks.bench_throughput --skip-ladder --packed-presets 1.5m --packed-k 16,64
     python -m benchmarks.bench_throughput --tiny                         # CPU smoke test (the default without a GPU)
 
@@ -311,7 +312,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", default=not on_gpu,
                    help="tiny shapes, eager only: a smoke test that runs on a CPU in under a minute")
-    p.add_argument("--presets", type=csv(), help="ladder presets (default 1.5m,13m,85m,300m,800m; tiny: 100k)")
+    p.add_argument("--presets", type=csv(), help="ladder presets, or all (default 1.5m,13m,85m,300m,800m; tiny: 100k)")
     p.add_argument("--attention", type=csv(), help="attention backends (default torch,triton and flash if installed)")
     p.add_argument("--loss", type=csv(), default=["torch", "triton"], help="loss backends")
     p.add_argument("--compile", type=csv(), help=f"compile modes among {','.join(COMPILE_MODES)}; on = default "
@@ -358,6 +359,8 @@ def parse_args(argv):
     args.compile = ["default" if m == "on" else m for m in args.compile]
     args.packed_compile = ["default" if m == "on" else m for m in args.packed_compile]
     for name in ("presets", "packed_presets"):
+        if getattr(args, name) == ["all"]:  # the whole ladder
+            setattr(args, name, list(PRESETS))
         unknown = [x for x in getattr(args, name) if x not in PRESETS]
         if unknown:
             p.error(f"--{name.replace('_', '-')}: unknown preset {unknown[0]} (choose from {', '.join(PRESETS)})")
