@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -56,6 +57,9 @@ def cmd_train(args, overrides) -> None:
         summary = train_distributed(cfg, resume=args.resume)
         if torch.distributed.is_initialized():
             rank = torch.distributed.get_rank()
+            # Free what the run left (engine, buffers of finished gloo work) while the process group is
+            # alive: gloo state torn down at interpreter exit can abort the process.
+            gc.collect()
             torch.distributed.destroy_process_group()
             if rank != 0:
                 return
