@@ -62,8 +62,8 @@ def test_run_steps_schedules_logs_evaluations_and_checkpoints():
                              "--train.checkpoint_log_spaced", "true", "--optim.warmup_steps", "2"])
     calls = []
 
-    def step(lr):
-        calls.append(("step", lr))
+    def step(lr, logging):
+        calls.append(("step", lr, logging))
         return len(calls), None
 
     def log(done, lr, loss, grad_norm, steps_timed, elapsed):
@@ -78,6 +78,7 @@ def test_run_steps_schedules_logs_evaluations_and_checkpoints():
     summary = run_steps(cfg, 2, step, log, evaluate, lambda done: calls.append(("checkpoint", done)))
     assert summary == {"step": 10}
     assert [c[1] for c in calls if c[0] == "step"] == [lr_at(s, cfg) for s in range(2, 10)]
+    assert [i + 3 for i, c in enumerate(c for c in calls if c[0] == "step") if c[2]] == [4, 8, 10]
     assert [c[1:] for c in calls if c[0] == "log"] == [(4, 2), (8, 4), (10, 2)]
     assert [c[1] for c in calls if c[0] == "eval"] == [5, 10]
     assert [c[1] for c in calls if c[0] == "checkpoint"] == [3, 4, 6, 8, 9, 10]

@@ -361,7 +361,7 @@ def train_distributed(cfg: Config, resume: bool = False) -> dict:
         batches = stream.iter_batches(start_step, t.steps - start_step, t.global_batch, rank=rank, world_size=world,
                                       prefetch=0)  # as the plain trainer: in-loop reads measured faster
 
-    def step(lr):
+    def step(lr, logging):
         for group in optimizer.param_groups:
             group["lr"] = lr
         tokens = next(batches).to(device, non_blocking=True)
@@ -371,7 +371,7 @@ def train_distributed(cfg: Config, resume: bool = False) -> dict:
             loss = engine(chunk[:, :-1], chunk[:, 1:])
             engine.backward(loss)  # DeepSpeed divides by the accumulation steps and averages over ranks
             loss_sum += loss.detach().float()
-            if i == accum - 1 and not grad_norm_from_engine:  # averaged over ranks by now
+            if i == accum - 1 and logging and not grad_norm_from_engine:  # averaged over ranks by now
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters()
                                                            if p.grad is not None])
             engine.step()  # called after every micro-batch; the weights change after the last one

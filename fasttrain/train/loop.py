@@ -4,8 +4,9 @@ and a checkpoint are for it.
 
     summary = run_steps(cfg, start_step, step, log, evaluate, checkpoint)
 
-step(lr) -> (loss, grad_norm) takes one optimizer step and returns device tensors without waiting for
-the device; log(step, lr, loss, grad_norm, steps_timed, elapsed) is the only place that may (it runs every
+step(lr, logging) -> (loss, grad_norm) takes one optimizer step and returns device tensors without
+waiting for the device (logging: log() will read this step, for what only the step itself can measure);
+log(step, lr, loss, grad_norm, steps_timed, elapsed) is the only place that may (it runs every
 train.log_every steps and at the end); evaluate(step) -> summary runs every train.eval_every steps and at the
 end; checkpoint(step) runs at the steps is_checkpoint_step gives. Evaluation and checkpoint time is left out
 of the throughput.
@@ -45,9 +46,10 @@ def run_steps(cfg: Config, start_step: int, step, log, evaluate, checkpoint):
     tick, tick_step = time.time(), start_step
     for index in range(start_step, t.steps):
         lr = lr_at(index, cfg)
-        loss, grad_norm = step(lr)
         done = index + 1
-        if done % t.log_every == 0 or done == t.steps:
+        logging = done % t.log_every == 0 or done == t.steps
+        loss, grad_norm = step(lr, logging)
+        if logging:
             log(done, lr, loss, grad_norm, done - tick_step, time.time() - tick)
             tick, tick_step = time.time(), done
         evaluating = bool(t.eval_every and done % t.eval_every == 0) or done == t.steps

@@ -440,7 +440,7 @@ def train_packed(cfgs: list[Config], resume: bool = False) -> list[dict]:
                for _, stream in opened]
     pin = device.type == "cuda"
 
-    def step(lr):
+    def step(lr, logging):
         tokens = torch.empty((K, t.global_batch, T + 1), dtype=torch.int64, pin_memory=pin)
         torch.stack([next(batches) for batches in streams], out=tokens)
         return train_step(packed, optimizer, tokens.to(device, non_blocking=True), micro, lr, cfg.optim.grad_clip,

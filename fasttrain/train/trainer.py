@@ -133,7 +133,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     # prefetch=0: a read-ahead thread measured slower than reading in the loop (it competes for the GIL)
     batches = stream.iter_batches(start_step, t.steps - start_step, t.global_batch, prefetch=0)
 
-    def step(lr):
+    def step(lr, logging):
         tokens = next(batches).to(device, non_blocking=True)
         return train_step(model, optimizer, tokens, micro, lr, cfg.optim.grad_clip, amp_dtype, step_model)
 
