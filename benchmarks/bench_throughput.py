@@ -105,19 +105,19 @@ def plain_optimizer(model, device):
 
 
 # ---- building each kind of step ---------------------------------------------------------------------------
-def run_config(preset, attention, loss, batch, micro, seq_len, vocab, compile_mode):
+def run_config(preset, attention, loss, batch, micro, seq_len, vocab):
+    """The run config whose model, optimizer and batch a step uses (compilation is the step's own)."""
     return config_from_dict({
         "model": {"preset": preset, "attention": attention, "loss": loss, "vocab_size": vocab},
         "data": {"seq_len": seq_len},
         "optim": {"warmup_steps": 0},
-        "train": {"steps": 100, "global_batch": batch, "micro_batch": micro, "compile": compile_mode != "off",
-                  "compile_mode": "default" if compile_mode == "off" else compile_mode},
+        "train": {"steps": 100, "global_batch": batch, "micro_batch": micro},
     })
 
 
 def single_step(impl, preset, attention, loss, batch, micro, seq_len, vocab, mode, device, amp):
     """A function taking one optimizer step of one run (fasttrain's GPT or the plain one)."""
-    cfg = run_config(preset, attention if impl == "fasttrain" else "torch", loss, batch, micro, seq_len, vocab, mode)
+    cfg = run_config(preset, attention if impl == "fasttrain" else "torch", loss, batch, micro, seq_len, vocab)
     if impl == "fasttrain":
         model = build_model(cfg, vocab).to(device)
         optimizer = make_optimizer(model, cfg, device)
@@ -136,7 +136,7 @@ def single_step(impl, preset, attention, loss, batch, micro, seq_len, vocab, mod
 
 def packed_step(preset, attention, loss, K, batch, micro, seq_len, vocab, mode, device, amp):
     """A function taking one optimizer step of K packed runs."""
-    cfg = run_config(preset, attention, loss, batch, micro, seq_len, vocab, mode)
+    cfg = run_config(preset, attention, loss, batch, micro, seq_len, vocab)
     model = build_model(cfg, vocab)  # every slot starts from the same weights: the timing does not care
     packed = PackedGPT.from_models([model] * K, device=device)
     del model
