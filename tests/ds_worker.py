@@ -1,9 +1,11 @@
-"""`fasttrain` as started by a launcher in the DeepSpeed tests (torchrun or the deepspeed launcher).
+"""`fasttrain` as the tests start it when they need more than the plain command (DeepSpeed under torchrun or
+the deepspeed launcher, or a run slow enough to be stopped mid-way).
 
 Two test-only changes before handing over to fasttrain.cli.main:
 - DeepSpeed's shared-memory all-reduce op is not built: its first build compiles C++ for 45-55 s on a CPU,
   and gloo does the same job for a tiny model.
-- FASTTRAIN_TEST_STEP_DELAY=seconds sleeps after every optimizer step, so a test can kill a run mid-way.
+- FASTTRAIN_TEST_STEP_DELAY=seconds sleeps after every optimizer step (of any engine), so a test can kill
+  or signal a run mid-way.
 """
 import os
 import sys
@@ -16,16 +18,20 @@ sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 delay = float(os.environ.get("FASTTRAIN_TEST_STEP_DELAY", "0"))
 if delay:
-    from deepspeed.runtime.engine import DeepSpeedEngine
+    from fasttrain.train.distributed import DeepSpeedEngine
+    from fasttrain.train.engine import SingleEngine
+    from fasttrain.train.packed import PackedEngine
 
-    engine_step = DeepSpeedEngine.step
+    def slowed(step):
+        def slow_step(self, *args, **kwargs):
+            out = step(self, *args, **kwargs)
+            time.sleep(delay)
+            return out
 
-    def slow_step(self, *args, **kwargs):
-        out = engine_step(self, *args, **kwargs)
-        time.sleep(delay)
-        return out
+        return slow_step
 
-    DeepSpeedEngine.step = slow_step
+    for engine in (SingleEngine, PackedEngine, DeepSpeedEngine):
+        engine.step = slowed(engine.step)
 
 from fasttrain.cli import main  # noqa: E402
 

@@ -22,15 +22,15 @@ pytest.importorskip("deepspeed")
 
 from fasttrain.config import ConfigError, config_from_dict  # noqa: E402
 from fasttrain.data import prepare_dataset  # noqa: E402
-from fasttrain.eval.run import load_model  # noqa: E402
-from fasttrain.train.distributed import (  # noqa: E402
+from fasttrain.checkpoint import load_model  # noqa: E402
+from fasttrain.checkpoint.deepspeed import (  # noqa: E402
     COMPLETE,
-    batch_layout,
-    deepspeed_config,
     export_consolidated,
     list_ds_checkpoints,
     resolve_ds_checkpoint,
 )
+from fasttrain.config import batch_layout  # noqa: E402
+from fasttrain.train.distributed import deepspeed_config  # noqa: E402
 from fasttrain.train.trainer import train  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_worker.py")

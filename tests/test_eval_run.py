@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from fasttrain.config import config_from_dict
 from fasttrain.data import MissingSplitError, open_dataset, prepare_dataset
 from fasttrain.eval.cli import register
-from fasttrain.eval.loss import heldout_loss
-from fasttrain.eval.memorization import seen_unique_positions, training_schedule
-from fasttrain.eval.run import CheckpointError, evaluate, load_checkpoint, load_model
+from fasttrain.checkpoint import CheckpointError, load_checkpoint, load_model
+from fasttrain.eval.run import evaluate
+from fasttrain.measure.loss import heldout_loss, seen_unique_positions, training_schedule
 from fasttrain.model import GPT
-from fasttrain.train.checkpoint import save_checkpoint
+from fasttrain.checkpoint.files import save_checkpoint
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -52,7 +52,7 @@ def setup(tmp_path_factory):
     cfg.save(os.path.join(run, "config.yaml"))
     for step in (5, 10):
         save_checkpoint(run, step, {"model": model.state_dict(), "optimizer": {}, "step": step, "rng": {},
-                                    "config": cfg.to_dict(), "vocab_size": dataset.vocab_size}, keep=True)
+                                    "config": cfg.to_dict(), "vocab_size": dataset.vocab_size})
     return {"root": root, "data": data, "dataset": dataset, "cfg": cfg, "model": model, "run": run}
 
 
@@ -119,7 +119,7 @@ def test_repeated_loss_shows_memorization(setup):
     """After fitting the repeated windows only, their loss falls far below the loss of unseen data."""
     dataset, cfg = setup["dataset"], setup["cfg"]
     schedule = training_schedule(dataset, cfg)
-    from fasttrain.eval.common import read_windows
+    from fasttrain.measure.windows import read_windows
 
     windows = torch.from_numpy(read_windows(dataset, "train", schedule.repeated_window_ids(), 128)).to(DEVICE)
     torch.manual_seed(1)

@@ -14,7 +14,7 @@ from fasttrain.data import open_dataset, prepare_dataset  # noqa: E402
 from fasttrain.eval.cli import register  # noqa: E402
 from fasttrain.eval.export import export_hf, hf_state_dict  # noqa: E402
 from fasttrain.model import GPT  # noqa: E402
-from fasttrain.train.checkpoint import save_checkpoint  # noqa: E402
+from fasttrain.checkpoint.files import save_checkpoint  # noqa: E402
 
 
 def random_weights(model, seed=0):

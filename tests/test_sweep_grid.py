@@ -5,7 +5,8 @@ import pytest
 import yaml
 
 from fasttrain.sweep.grid import SweepError, expand, load_sweep, run_name, spec_from_dict
-from fasttrain.sweep.runner import config_differences, eval_command, prepare_run_folder, train_command
+from fasttrain.config import config_differences
+from fasttrain.sweep.runner import eval_command, prepare_run_folder, train_command
 
 
 def sweep_tree(tmp_path, **changes):

@@ -22,9 +22,10 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from fasttrain.checkpoint.files import read_json
 from fasttrain.ladder import PRESETS
 from fasttrain.sweep.grid import SweepSpec
-from fasttrain.sweep.runner import read_json, run_sweep
+from fasttrain.sweep.runner import run_sweep
 
 DEMO_VOCAB = 4096
 

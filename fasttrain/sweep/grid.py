@@ -38,7 +38,7 @@ from typing import Any, Optional
 
 import yaml
 
-from fasttrain.config import Config, ConfigError, config_from_dict, seq_len
+from fasttrain.config import Config, ConfigError, config_from_dict
 from fasttrain.ladder import PRESETS, non_embedding_params
 
 SWEEP_KEYS = ("out_dir", "base", "grid", "budget", "per_size", "num_gpus", "evaluate", "pack")
@@ -108,7 +108,7 @@ class RunSpec:
 
     @property
     def seq_len(self) -> int:
-        return seq_len(self.config)
+        return self.config.data.seq_len
 
     @property
     def tokens(self) -> int:
@@ -312,16 +312,17 @@ def _resolve_run(spec, sweep_dir, name, size, f, E, placement, seed) -> RunSpec:
     train_tree["seed"] = seed
     train_tree["out_dir"] = os.path.join(sweep_dir, "runs", name)
     try:
-        probe = config_from_dict(_merge(tree, {"train": {"steps": 10**9}}))  # resolves the preset and seq_len
+        # the world size each run is launched with resolves train.micro_batch per process
+        probe = config_from_dict(_merge(tree, {"train": {"steps": 10**9}}), world_size=spec.num_gpus)  # resolves the preset and seq_len
     except ConfigError as e:
         raise SweepError(f"run {name}: {e}") from None
     params = non_embedding_params(probe.model.n_layer, probe.model.d_model)
-    tokens_per_step = probe.train.global_batch * seq_len(probe)
+    tokens_per_step = probe.train.global_batch * probe.data.seq_len
     train_tree["steps"] = steps_for_budget(spec.budget, size, params, tokens_per_step)
     if "checkpoint_every" not in train_tree:  # a killed run resumes from at most a tenth of its steps back
         train_tree["checkpoint_every"] = max(1, train_tree["steps"] // 10)
     try:
-        cfg = config_from_dict(tree)
+        cfg = config_from_dict(tree, world_size=spec.num_gpus)
     except ConfigError as e:
         raise SweepError(f"run {name}: {e}") from None
     return RunSpec(name=name, size=size, repeated_fraction=f, repeat_count=E, placement=placement, seed=seed,

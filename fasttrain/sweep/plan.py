@@ -19,10 +19,10 @@ import statistics
 import time
 from typing import Optional
 
-from fasttrain.config import seq_len
+from fasttrain.checkpoint.files import read_json, write_json_atomic
 from fasttrain.sweep.grid import RunSpec, SweepSpec, expand
-from fasttrain.sweep.runner import MANIFEST, plan_jobs, read_json, resolve_pack
-from fasttrain.train.metrics import read_metrics, write_json_atomic
+from fasttrain.sweep.runner import MANIFEST, plan_jobs, resolve_pack
+from fasttrain.train.metrics import read_metrics
 
 THROUGHPUT = "throughput.json"
 MEASURE_WARMUP_STEPS = 2
@@ -41,8 +41,8 @@ def device_name(device: str = "auto") -> str:
 def shape_key(run: RunSpec, vocab_size: int, device: str, pack: int = 1) -> str:
     """The throughput table's key; pack > 1: the speed each run gets in a pack of that many."""
     m, t = run.config.model, run.config.train
-    micro = t.micro_batch or t.global_batch
-    return (f"{device}|L{m.n_layer}-d{m.d_model}-h{m.n_head}|T{seq_len(run.config)}|mb{micro}|V{vocab_size}|"
+    micro = t.micro_batch
+    return (f"{device}|L{m.n_layer}-d{m.d_model}-h{m.n_head}|T{run.config.data.seq_len}|mb{micro}|V{vocab_size}|"
             f"{m.attention}-{m.loss}|{t.precision}" + (f"|pack{pack}" if pack > 1 else ""))
 
 
@@ -64,27 +64,20 @@ def measure_throughput(run: RunSpec, vocab_size: int, device: str = "auto") -> f
     """Tokens/s of full optimizer steps (forward, backward, AdamW) of this run's shape on random tokens."""
     import torch
 
-    from fasttrain.model import GPT
-    from fasttrain.train.device import autocast, autocast_dtype, resolve_device
+    from fasttrain.device import autocast_dtype, resolve_device
+    from fasttrain.optim import make_optimizer
+    from fasttrain.train.engine import build_model, train_step
 
     cfg = run.config
     dev = resolve_device(device if device != "auto" else cfg.train.device)
     amp = autocast_dtype(cfg.train.precision, dev)
-    T = seq_len(cfg)
-    micro = cfg.train.micro_batch or cfg.train.global_batch
-    accum = cfg.train.global_batch // micro
-    torch.manual_seed(0)
-    model = GPT.from_config(cfg.model, vocab_size).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batch = torch.randint(0, vocab_size, (micro, T + 1), device=dev)
+    T = cfg.data.seq_len
+    model = build_model(cfg, vocab_size).to(dev)
+    optimizer = make_optimizer(model, cfg, dev)
+    batch = torch.randint(0, vocab_size, (cfg.train.global_batch, T + 1), device=dev)
 
-    def step():
-        for _ in range(accum):
-            with autocast(dev, amp):
-                loss = model(batch[:, :-1], batch[:, 1:])
-            loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def step():  # the trainer's own step
+        train_step(model, optimizer, batch, cfg.train.micro_batch, cfg.optim.lr, cfg.optim.grad_clip, amp)
 
     for _ in range(MEASURE_WARMUP_STEPS):
         step()
@@ -101,7 +94,7 @@ def measure_throughput(run: RunSpec, vocab_size: int, device: str = "auto") -> f
 
 def step_flops(run: RunSpec, vocab_size: int) -> float:
     m = run.config.model
-    T = seq_len(run.config)
+    T = run.config.data.seq_len
     per_token = 6.0 * (run.params + vocab_size * m.d_model) + 6.0 * m.n_layer * T * m.d_model
     return per_token * run.config.train.global_batch * T
 
@@ -117,7 +110,7 @@ def data_check(run: RunSpec) -> str:
         return "dataset not prepared yet"
     try:
         dataset = open_dataset(path, verify=False)
-        T = seq_len(run.config)
+        T = run.config.data.seq_len
         RepetitionSchedule(num_windows(dataset.train, T), run.config.train.steps * run.config.train.global_batch,
                            run.config.data.repeated_fraction, run.config.data.repeat_count,
                            placement=run.config.data.placement, seed=run.config.data.seed, tokens_per_window=T + 1)
@@ -168,7 +161,7 @@ def plan(spec: SweepSpec, out_dir: Optional[str] = None, measure: bool = True, p
                 table[key] = {"tokens_per_s": measured_now[key],
                               "source": f"{MEASURE_STEPS} timed steps on {device}", "measured": _now()}
             rate, source = measured_now[key], f"measured now ({MEASURE_STEPS} timed steps)"
-        data_key = (run.config.data.path, seq_len(run.config), run.tokens, run.repeated_fraction, run.repeat_count)
+        data_key = (run.config.data.path, run.config.data.seq_len, run.tokens, run.repeated_fraction, run.repeat_count)
         if data_key not in data_checks:
             data_checks[data_key] = data_check(run)
         done_steps = 0 if entry.get("state") == "done" else _logged_step(run.run_dir)

@@ -22,11 +22,12 @@ from typing import Optional
 import numpy as np
 import yaml
 
+from fasttrain.checkpoint.files import read_json, write_json_atomic
 from fasttrain.ladder import PRESETS, non_embedding_params
 from fasttrain.sweep.fit import FitError, ScalingFit, effective_size, fit_scaling_law
 from fasttrain.sweep.grid import SweepError, format_number
-from fasttrain.sweep.runner import MANIFEST, read_json
-from fasttrain.train.metrics import read_metrics, write_json_atomic
+from fasttrain.sweep.runner import MANIFEST
+from fasttrain.train.metrics import read_metrics
 
 # Optional evaluation metrics plotted against E: (key in eval results, axis label, file, title)
 EVAL_PLOTS = (

@@ -36,8 +36,9 @@ from typing import Callable, Optional
 
 import yaml
 
+from fasttrain.checkpoint.files import read_json, write_json_atomic
+from fasttrain.config import ConfigError, config_differences, config_from_dict
 from fasttrain.sweep.grid import RunSpec, SweepError, SweepSpec, expand
-from fasttrain.train.metrics import write_json_atomic
 
 MANIFEST = "manifest.json"
 STATES = ("pending", "running", "evaluating", "done", "failed", "interrupted")
@@ -45,14 +46,6 @@ STATES = ("pending", "running", "evaluating", "done", "failed", "interrupted")
 
 def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
-
-
-def read_json(path: str) -> Optional[dict]:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 # ---- manifest ----------------------------------------------------------------------------------------
@@ -112,30 +105,17 @@ class SweepLock:
 
 
 # ---- run folders -------------------------------------------------------------------------------------
-def _comparable(config_tree: dict) -> dict:
-    tree = json.loads(json.dumps(config_tree))
-    tree.get("train", {}).pop("out_dir", None)  # the folder is the run's identity, wherever the sweep lies
-    return tree
-
-
-def config_differences(old: dict, new: dict) -> list[str]:
-    """'section.key: old -> new' for every value that differs (train.out_dir ignored)."""
-    old, new = _comparable(old), _comparable(new)
-    out = []
-    for section in sorted(set(old) | set(new)):
-        a, b = old.get(section) or {}, new.get(section) or {}
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
-                out.append(f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
-    return out
-
-
 def prepare_run_folder(run: RunSpec) -> None:
     """Write RUN/config.yaml, or check that the one already there is the same run."""
     path = os.path.join(run.run_dir, "config.yaml")
     if os.path.exists(path):
         with open(path) as f:
             old = yaml.safe_load(f) or {}
+        try:
+            old = config_from_dict(old, world_size=1).to_dict()  # resolved as the run's config is
+        except ConfigError as e:
+            raise SweepError(f"run {run.name}: its config.yaml is not valid ({e}); delete {run.run_dir} to train "
+                             "that run again") from None
         diffs = config_differences(old, run.config.to_dict())
         if diffs:
             shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
@@ -184,7 +164,7 @@ def last_logged_step(run_dir: str) -> int:
 
 def newest_checkpoint_step(run_dir: str) -> int:
     """Step of the newest complete checkpoint in the run folder (0 when none)."""
-    from fasttrain.train.checkpoint import list_checkpoints
+    from fasttrain.checkpoint.files import list_checkpoints
 
     checkpoints = list_checkpoints(run_dir)
     return checkpoints[-1][0] if checkpoints else 0
