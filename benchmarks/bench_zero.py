@@ -13,7 +13,8 @@ weights too at stage 3 (Rajbhandari et al. 2020):
 Each stage runs in its own process (torchrun with one rank per GPU when there are several), through the
 same DeepSpeed setup as `fasttrain train` (generated config, our AdamW), on random tokens at the preset's
 context length. Reported per rank: model states after a step (allocated memory) and the peak, tokens/s
-(all ranks) and MFU; then, per stage, the largest preset that trained on one GPU.
+(all ranks), mfu (over the datasheet dense bf16 peak) and mfu_vs_matmul (over a measured bf16 matmul); then,
+per stage, the largest preset that trained on one GPU.
 """
 import argparse
 import gc
@@ -58,7 +59,7 @@ def measure(preset: str, stage: int, micro: int, seq_len: int | None, steps: int
     import deepspeed
 
     from fasttrain.config import config_from_dict
-    from fasttrain.device import autocast_dtype, peak_flops
+    from fasttrain.device import autocast_dtype, measured_matmul_flops, mfu_fields, peak_flops
     from fasttrain.optim import make_optimizer
     from fasttrain.train.distributed import deepspeed_config
     from fasttrain.train.engine import build_model
@@ -103,9 +104,8 @@ def measure(preset: str, stage: int, micro: int, seq_len: int | None, steps: int
         seconds = (time.perf_counter() - t0) / max(steps, 1)
         row["step_ms"] = seconds * 1e3
         row["tokens_per_s"] = micro * world * T / seconds
-        peak = peak_flops(device)
-        if peak:
-            row["mfu"] = flops_per_token * row["tokens_per_s"] / (peak * world)
+        peak, matmul = peak_flops(device), measured_matmul_flops(device) if cuda else None
+        row.update(mfu_fields(flops_per_token * row["tokens_per_s"], peak and peak * world, matmul and matmul * world))
         if cuda:
             row["states_gib"] = torch.cuda.memory_allocated() / 2**30  # weights, gradients, optimizer
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -195,7 +195,7 @@ def main(argv=None) -> None:
                     rows += [json.loads(line) for line in f if line.strip()]
     print("\nmeasured (per rank; tokens/s over all ranks):")
     print_table(rows, ["preset", "stage", "world_size", "params", "formula_gib", "states_gib", "peak_gib",
-                       "tokens_per_s", "mfu", "oom"])
+                       "tokens_per_s", "mfu", "mfu_vs_matmul", "oom"])
 
     largest = {}
     if gpus == 1 and not args.cpu:
