@@ -156,6 +156,7 @@ def main(argv=None):
     parser.add_argument("--head-dims", type=lambda t: [int(x) for x in t.split(",")], help="head dims (causal)")
     parser.add_argument("--causal-only", action="store_true", help="leave out the non-causal shapes")
     parser.add_argument("--no-tma-variant", action="store_true", help="also our kernel without TMA loads")
+    parser.add_argument("--providers", type=lambda t: t.split(","), help="only these providers (names as printed)")
     parser.add_argument("--tokens", type=int, default=16384, help="batch * seq")
     parser.add_argument("--hidden", type=int, default=2048, help="heads * head_dim")
     args = parser.parse_args(argv)
@@ -168,6 +169,8 @@ def main(argv=None):
     for seq, head_dim, causal in shapes(args):
         batch, heads = (max(args.tokens // seq, 1), args.hidden // head_dim) if on_gpu else (1, 2)
         for name, fn in providers(args.no_tma_variant).items():
+            if args.providers and name not in args.providers:
+                continue
             try:
                 with kernel_settings(**getattr(fn, "settings", {})):
                     rows.append(bench_one(name, fn, batch, heads, seq, head_dim, causal, dtype, device, warmup, iters))

@@ -345,8 +345,9 @@ def ladder_rows(args, device, amp, peaks, emit):
     combos = [(a, l) for a in args.attention for l in args.loss]
     for preset in args.presets:
         for mode in args.compile:
-            emit(bench_row("ladder", preset, "plain", "sdpa", "torch", mode, 1, args.batch, args.seq_len,
-                           args, device, amp, peaks))
+            if not args.skip_plain:
+                emit(bench_row("ladder", preset, "plain", "sdpa", "torch", mode, 1, args.batch, args.seq_len,
+                               args, device, amp, peaks))
             for attention, loss in combos:
                 emit(bench_row("ladder", preset, "fasttrain", attention, loss, mode, 1, args.batch, args.seq_len,
                                args, device, amp, peaks))
@@ -433,6 +434,7 @@ def parse_args(argv):
                                                            "(on) (default off,on on a GPU; off on a CPU)")
     p.add_argument("--skip-ladder", action="store_true")
     p.add_argument("--skip-packed", action="store_true")
+    p.add_argument("--skip-plain", action="store_true", help="leave out the ladder's plain-PyTorch rows")
     p.add_argument("--warmup", type=int, help="untimed steps after the first (default 3; tiny 0)")
     p.add_argument("--iters", type=int, help="timed steps, median reported (default 10; tiny 2)")
     p.add_argument("--fresh", action="store_true", help="drop the rows of earlier invocations from the result file")

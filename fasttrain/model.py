@@ -94,24 +94,25 @@ def time_attention(backend: str, batch: int, heads: int, seq: int, head_dim: int
                    iters: int = 5) -> float:
     """Milliseconds of one causal forward + backward through `backend` (CUDA events; the first calls, which
     compile and autotune, are not timed). Raises where the backend does not take the shape."""
-    gen = torch.Generator(device=device).manual_seed(0)
-    q, k, v, grad = (torch.randn(batch, seq, heads, head_dim, generator=gen, device=device, dtype=dtype)
-                     for _ in range(4))
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    with torch.inference_mode(False), torch.enable_grad():  # also when first met in an evaluation
+        gen = torch.Generator(device=device).manual_seed(0)
+        q, k, v, grad = (torch.randn(batch, seq, heads, head_dim, generator=gen, device=device, dtype=dtype)
+                         for _ in range(4))
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
 
-    def step():
-        torch.autograd.grad(causal_attention(q, k, v, backend), (q, k, v), grad)
+        def step():
+            torch.autograd.grad(causal_attention(q, k, v, backend), (q, k, v), grad)
 
-    for _ in range(2):
-        step()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize(device)
-    start.record()
-    for _ in range(iters):
-        step()
-    end.record()
-    torch.cuda.synchronize(device)
-    return start.elapsed_time(end) / iters
+        for _ in range(2):
+            step()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        for _ in range(iters):
+            step()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / iters
 
 
 @torch.compiler.disable  # measured outside any compiled graph (the engines resolve "auto" before compiling)
