@@ -461,7 +461,8 @@ def _launch(kernel, configs, tune_key, grid, *args, reset_to_zero=None, **conste
     if len(configs) == 1:
         cfg = configs[0]
     else:
-        configs_id = (kernel, tuple(id(c) for c in configs))  # the config tables are module constants
+        # the config tables are module constants; a tuner that zeros an accumulator is another tuner
+        configs_id = (kernel, tuple(id(c) for c in configs), tuple(reset_to_zero or ()))
         cfg = _BEST_CONFIGS.get((configs_id, tune_key))
         if cfg is None:
             if configs_id not in _TUNERS:

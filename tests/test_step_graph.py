@@ -125,3 +125,34 @@ def test_cuda_graph_step_trains_like_eager_steps(dataset_dir, tmp_path, packed):
     assert len(graphed) == 10
     assert graphed == pytest.approx(eager, rel=2e-2)  # bf16: the same steps, other reduction orders
     assert graphed[-1] < graphed[0]
+
+
+def test_captured_optimizer_state_is_a_plain_checkpoint():
+    # A capturable AdamW keeps its learning rate in a tensor; its checkpoint holds a float, and loading keeps
+    # each optimizer's own implementation, so runs move freely between captured and plain steps.
+    from fasttrain.optim import load_optimizer_state, optimizer_state
+
+    cfg = config_from_dict({"model": {"n_layer": 1, "d_model": 32, "n_head": 2, "context_length": SEQ},
+                            "optim": {"warmup_steps": 0}, "train": {"steps": 10, "global_batch": 4}})
+    torch.manual_seed(0)
+    models = [_gpt("torch") for _ in range(3)]
+    for m in models[1:]:
+        m.load_state_dict(models[0].state_dict())
+    captured = make_optimizer(models[0], cfg, torch.device("cpu"), capturable=True)
+    plain = make_optimizer(models[1], cfg, torch.device("cpu"))
+    tokens = _tokens("plain")
+    for model, optimizer in ((models[0], captured), (models[1], plain)):
+        set_lr(optimizer, 3e-3)
+        train_step(model, optimizer, tokens, 4, None, 1.0)
+    state = optimizer_state(captured)
+    assert all(type(g["lr"]) is float and g["lr"] == pytest.approx(3e-3) for g in state["param_groups"])
+    assert isinstance(captured.param_groups[0]["lr"], torch.Tensor)  # the optimizer's own is untouched
+    fresh = make_optimizer(models[2], cfg, torch.device("cpu"), capturable=True)
+    lr_tensor = fresh.param_groups[0]["lr"]
+    load_optimizer_state(fresh, optimizer_state(plain))
+    assert fresh.param_groups[0]["lr"] is lr_tensor and float(lr_tensor) == pytest.approx(3e-3)
+    assert fresh.param_groups[0]["capturable"] and fresh.param_groups[0]["fused"]
+    load_optimizer_state(plain, state)
+    assert not plain.param_groups[0]["capturable"] and type(plain.param_groups[0]["lr"]) is float
+    for p0, p1 in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(captured.state[p0]["exp_avg"], plain.state[p1]["exp_avg"])
