@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import deepspeed  # noqa: F401  (a dependency: a missing or broken install must fail, not skip)
 import pytest
 import torch
 import yaml
@@ -150,7 +151,9 @@ def assert_ran_on(run_dir, world_size, zero_stage, step=STEPS):
     """The checkpoint of `step` was written by world_size processes: its marker says so, and under ZeRO
     1-3 every rank wrote its own optimizer shard (DeepSpeed's zero_pp_rank_R_* files)."""
     tag_dir = os.path.join(run_dir, "ds_checkpoints", f"step_{step:07d}")
-    with open(os.path.join(tag_dir, COMPLETE)) as f:
+    marker = os.path.join(tag_dir, COMPLETE)
+    assert os.path.exists(marker), f"{marker} is missing: the run did not go through the DeepSpeed trainer"
+    with open(marker) as f:
         assert json.load(f)["world_size"] == world_size
     if zero_stage > 0:
         ranks = {int(name.split("_")[3]) for name in os.listdir(tag_dir)
