@@ -24,7 +24,8 @@ from typing import Optional
 
 from fasttrain.ladder import PRESETS
 from fasttrain.sweep.grid import SweepSpec
-from fasttrain.sweep.runner import read_json, run_sweep
+from fasttrain.sweep.manifest import read_json
+from fasttrain.sweep.runner import run_sweep
 
 DEMO_VOCAB = 4096
 

@@ -21,7 +21,8 @@ from typing import Optional
 
 from fasttrain.config import seq_len
 from fasttrain.sweep.grid import RunSpec, SweepSpec, expand
-from fasttrain.sweep.runner import MANIFEST, plan_jobs, read_json, resolve_pack
+from fasttrain.sweep.manifest import MANIFEST, read_json
+from fasttrain.sweep.runner import plan_jobs, resolve_pack
 from fasttrain.train.metrics import read_metrics, write_json_atomic
 
 THROUGHPUT = "throughput.json"
@@ -197,7 +198,7 @@ def _logged_step(run_dir: str) -> int:
 
 
 def _now() -> str:
-    from fasttrain.sweep.runner import now_iso
+    from fasttrain.sweep.manifest import now_iso
 
     return now_iso()
 

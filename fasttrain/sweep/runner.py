@@ -21,8 +21,6 @@ stops with an error naming the run.
 """
 from __future__ import annotations
 
-import datetime
-import fcntl
 import json
 import os
 import shutil
@@ -37,78 +35,7 @@ from typing import Callable, Optional
 import yaml
 
 from fasttrain.sweep.grid import RunSpec, SweepError, SweepSpec, expand
-from fasttrain.train.metrics import write_json_atomic
-
-MANIFEST = "manifest.json"
-STATES = ("pending", "running", "evaluating", "done", "failed", "interrupted")
-
-
-def now_iso() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
-
-
-def read_json(path: str) -> Optional[dict]:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-# ---- manifest ----------------------------------------------------------------------------------------
-class Manifest:
-    """SWEEP_DIR/manifest.json: {"runs": {name: entry}} plus sweep-level fields, saved atomically."""
-
-    def __init__(self, sweep_dir: str):
-        self.path = os.path.join(sweep_dir, MANIFEST)
-        doc = read_json(self.path) if os.path.exists(self.path) else None
-        if os.path.exists(self.path) and doc is None:
-            raise SweepError(f"{self.path}: unreadable; the run folders are intact: move it away and re-run "
-                             "the sweep to rebuild it")
-        self.doc = doc or {"version": 1, "created": now_iso(), "runs": {}}
-
-    @property
-    def runs(self) -> dict:
-        return self.doc["runs"]
-
-    def entry(self, name: str) -> dict:
-        return self.runs.setdefault(name, {"state": "pending", "attempts": 0})
-
-    def update(self, name: str, **fields) -> None:
-        self.entry(name).update(fields)
-        self.save()
-
-    def save(self) -> None:
-        self.doc["updated"] = now_iso()
-        write_json_atomic(self.path, self.doc)
-
-
-class SweepLock:
-    """An exclusive lock on the sweep folder: two sweeps never run the same folder at once."""
-
-    def __init__(self, sweep_dir: str):
-        self.path = os.path.join(sweep_dir, ".lock")
-        self.file = None
-
-    def __enter__(self):
-        self.file = open(self.path, "a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "another process"
-            self.file.close()
-            raise SweepError(f"{os.path.dirname(self.path)} is being run by another `fasttrain sweep` ({holder}); "
-                             "wait for it or stop it first") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"pid {os.getpid()}")
-        self.file.flush()
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.file, fcntl.LOCK_UN)
-        self.file.close()
+from fasttrain.sweep.manifest import Manifest, SweepLock, now_iso, read_json
 
 
 # ---- run folders -------------------------------------------------------------------------------------
@@ -409,56 +336,115 @@ def run_sweep(spec: SweepSpec, out_dir: Optional[str] = None, jobs: int = 1, pro
                     entry["state"] = "interrupted"
                 todo.append(run)
         manifest.save()
-        _execute(spec, plan_jobs(todo, manifest.runs, pack), manifest, result, jobs, progress, python, on_run_done)
+        LocalExecutor(spec, manifest, result, jobs, progress, python, on_run_done).run(
+            plan_jobs(todo, manifest.runs, pack))
     return result
 
 
-def _execute(spec, packs, manifest, result, jobs, progress_enabled, python, on_run_done) -> None:
-    total_steps = sum(r.config.train.steps for r in result.runs)
-    done_steps = sum(r.config.train.steps for r in result.runs if r.name in result.skipped)
-    progress = Progress(len(result.runs), total_steps, done_steps, enabled=progress_enabled)
-    index = {r.name: i + 1 for i, r in enumerate(result.runs)}
-    width = len(str(len(result.runs)))
-    if result.skipped:
-        progress.line(f"{len(result.skipped)} of {len(result.runs)} runs already done; "
-                      f"{sum(map(len, packs))} to run")
-    # with several at once, the costliest packs start first so that the last ones finish close together
-    queue = sorted(packs, key=lambda p: -sum(r.flops for r in p)) if jobs > 1 else list(packs)
-    active: dict[str, _Job] = {}  # by the name of the job's first run
-    env = _child_env(jobs)
+class LocalExecutor:
+    """Runs a sweep's jobs as subprocesses of this one, up to `jobs` at once, and records every change of a
+    run's state in the manifest. A job is a pack of runs (one run when it trains alone) with its phases: the
+    pack's training, then its evaluation."""
 
-    def tag(runs: list) -> str:
-        numbers = ",".join(str(index[r.name]) for r in runs)
+    def __init__(self, spec: SweepSpec, manifest: Manifest, result: SweepResult, jobs: int,
+                 progress: bool = True, python: str = sys.executable, on_run_done: Optional[Callable] = None):
+        self.spec, self.manifest, self.result = spec, manifest, result
+        self.jobs, self.python, self.on_run_done = jobs, python, on_run_done
+        runs = result.runs
+        self.total_steps = sum(r.config.train.steps for r in runs)
+        self.skipped_steps = sum(r.config.train.steps for r in runs if r.name in result.skipped)
+        self.progress = Progress(len(runs), self.total_steps, self.skipped_steps, enabled=progress)
+        self.index = {r.name: i + 1 for i, r in enumerate(runs)}
+        self.width = len(str(len(runs)))
+        self.active: dict[str, _Job] = {}  # by the name of the job's first run
+        self.env = _child_env(jobs)
+
+    # ---- the loop --------------------------------------------------------------------------------------
+    def run(self, packs: list[list[RunSpec]]) -> None:
+        """Run every job to its end; on Ctrl-C or SIGTERM, stop the running ones and record where they are."""
+        result = self.result
+        if result.skipped:
+            self.progress.line(f"{len(result.skipped)} of {len(result.runs)} runs already done; "
+                               f"{sum(map(len, packs))} to run")
+        # with several at once, the costliest packs start first so that the last ones finish close together
+        queue = sorted(packs, key=lambda p: -sum(r.flops for r in p)) if self.jobs > 1 else list(packs)
+        previous_handler = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        try:
+            while queue or self.active:
+                while queue and len(self.active) < self.jobs:
+                    self.launch(queue.pop(0))
+                time.sleep(0.2)
+                self.poll()
+                self.show_steps()
+        except KeyboardInterrupt:
+            self.interrupt()
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)
+            self.progress.close()
+
+    def poll(self) -> None:
+        """Move every job whose process ended on to its next phase, or retire it."""
+        for name, job in list(self.active.items()):
+            rc = job.proc.poll()
+            if rc is None:
+                continue
+            if self.phase_finished(job, rc):
+                job.phase += 1
+                self.start_phase(job)
+            else:
+                del self.active[name]
+
+    def show_steps(self) -> None:
+        result = self.result
+        current = [r for job in self.active.values() for r in job.runs]
+        steps_now = self.skipped_steps + sum(r.config.train.steps for r in result.runs if r.name in result.done)
+        steps_now += sum(min(last_logged_step(r.run_dir), r.config.train.steps) for r in current
+                         if r.name not in result.done)
+        self.progress.steps(steps_now, ", ".join(r.name for r in current))
+
+    def interrupt(self) -> None:
+        """Stop the running processes and leave every unfinished run resumable."""
+        for job in self.active.values():
+            if job.proc.poll() is None:
+                job.proc.terminate()
+        runs_left = 0
+        for job in self.active.values():
+            try:
+                job.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                job.proc.kill()
+            job.log.close()
+            # an interrupted evaluation keeps its finished training; an interrupted training resumes
+            for run in job.runs:
+                if run.name not in self.result.done and run.name not in self.result.failed:
+                    self.manifest.entry(run.name)["state"] = "evaluating" if job.trained else "interrupted"
+                    runs_left += 1
+        self.manifest.save()
+        self.progress.line(f"interrupted: re-run the same command to continue ({runs_left} run(s) resume from "
+                           "their newest checkpoint)")
+
+    # ---- starting --------------------------------------------------------------------------------------
+    def tag(self, runs: list) -> str:
+        numbers = ",".join(str(self.index[r.name]) for r in runs)
         names = runs[0].name if len(runs) == 1 else f"pack of {len(runs)} ({', '.join(r.name for r in runs)})"
-        return f"[{numbers:>{width}}/{len(result.runs)}] {names}"
+        return f"[{numbers:>{self.width}}/{len(self.result.runs)}] {names}"
 
-    def start(job: _Job) -> None:
-        phase = job.current
-        job.log = open(phase.log_path, "a")
-        job.log.write(f"\n# {now_iso()} $ {' '.join(phase.command)}\n")
-        job.log.flush()
-        for run in phase.runs[1:]:
-            with open(os.path.join(run.run_dir, os.path.basename(phase.log_path)), "a") as log:
-                log.write(f"\n# {now_iso()} {'evaluated' if phase.is_eval else 'trained'} with "
-                          f"{len(phase.runs) - 1} other run(s) in one process: its log is {phase.log_path}\n")
-        job.proc = subprocess.Popen(phase.command, stdout=job.log, stderr=subprocess.STDOUT, env=env,
-                                    preexec_fn=_die_with_parent)
-        for run in phase.runs:
-            manifest.entry(run.name)["pid"] = job.proc.pid
-        manifest.save()
-
-    def launch(runs: list) -> None:
+    def launch(self, runs: list) -> None:
+        """Start a job: its training, or only its evaluation when its runs are trained already."""
+        spec, manifest = self.spec, self.manifest
         first = runs[0]
         trained = is_trained(first, manifest.entry(first.name))  # plan_jobs never mixes trained and untrained
-        phases = [] if trained else [_Phase(train_command(runs, spec, python), runs, is_eval=False)]
+        phases = [] if trained else [_Phase(train_command(runs, spec, self.python), runs, is_eval=False)]
         if spec.evaluate:
-            phases.append(_Phase(eval_command(runs, spec.evaluate, python), runs, is_eval=True))
+            phases.append(_Phase(eval_command(runs, spec.evaluate, self.python), runs, is_eval=True))
         job = _Job(runs, phases, started=time.time())
         if trained:  # only the evaluation is missing: training is not touched, nor its times
             for run in runs:
                 manifest.entry(run.name).update(state="evaluating", returncode=None, error=None)
             manifest.save()
-            progress.line(f"{tag(runs)}: evaluating")
+            self.progress.line(f"{self.tag(runs)}: evaluating")
         else:
             started = now_iso()
             for run in runs:
@@ -469,113 +455,85 @@ def _execute(spec, packs, manifest, result, jobs, progress_enabled, python, on_r
             step = newest_checkpoint_step(first.run_dir)
             how = f"resuming from step {step}" if step > 0 else "starting"
             each = " each" if len(runs) > 1 else ""
-            progress.line(f"{tag(runs)}: {how} (N = {first.params:,}, {first.tokens:,} tokens, "
-                          f"{first.config.train.steps} steps{each})")
-        start(job)
-        active[first.name] = job
+            self.progress.line(f"{self.tag(runs)}: {how} (N = {first.params:,}, {first.tokens:,} tokens, "
+                               f"{first.config.train.steps} steps{each})")
+        self.start_phase(job)
+        self.active[first.name] = job
 
-    def run_done(run: RunSpec) -> None:
-        result.done.append(run.name)
-        if on_run_done:
-            on_run_done(run, manifest.runs[run.name])
+    def start_phase(self, job: _Job) -> None:
+        phase = job.current
+        job.log = open(phase.log_path, "a")
+        job.log.write(f"\n# {now_iso()} $ {' '.join(phase.command)}\n")
+        job.log.flush()
+        for run in phase.runs[1:]:
+            with open(os.path.join(run.run_dir, os.path.basename(phase.log_path)), "a") as log:
+                log.write(f"\n# {now_iso()} {'evaluated' if phase.is_eval else 'trained'} with "
+                          f"{len(phase.runs) - 1} other run(s) in one process: its log is {phase.log_path}\n")
+        job.proc = subprocess.Popen(phase.command, stdout=job.log, stderr=subprocess.STDOUT, env=self.env,
+                                    preexec_fn=_die_with_parent)
+        for run in phase.runs:
+            self.manifest.entry(run.name)["pid"] = job.proc.pid
+        self.manifest.save()
 
-    def training_finished(job: _Job) -> None:
+    # ---- ending ----------------------------------------------------------------------------------------
+    def phase_finished(self, job: _Job, rc: int) -> bool:
+        """Record the phase that just ended; True when the job has another phase to run."""
+        job.log.close()
+        phase = job.current
+        if phase.is_eval:
+            self.evaluation_finished(phase, rc)
+        elif rc != 0:
+            self.phase_failed(phase, job.runs, rc)
+            return False  # nothing to evaluate: the whole pack failed
+        else:
+            self.training_finished(job)
+        return job.phase + 1 < len(job.phases)
+
+    def training_finished(self, job: _Job) -> None:
+        manifest, evaluate = self.manifest, self.spec.evaluate
         wall, finished = time.time() - job.started, now_iso()
         for run in job.runs:
             final = read_json(os.path.join(run.run_dir, "final.json"))
-            manifest.entry(run.name).update(state="evaluating" if spec.evaluate else "done", finished=finished,
+            manifest.entry(run.name).update(state="evaluating" if evaluate else "done", finished=finished,
                                             wall_s=round(wall, 3), returncode=0, final=final)
         manifest.save()
         for run in job.runs:
             in_pack = f" in the pack of {len(job.runs)}" if len(job.runs) > 1 else ""
             final = manifest.runs[run.name]["final"]
-            progress.line(f"{tag([run])}: trained in {wall:.0f} s{in_pack}, {_describe_final(final)}")
-            if not spec.evaluate:
-                run_done(run)
+            self.progress.line(f"{self.tag([run])}: trained in {wall:.0f} s{in_pack}, {_describe_final(final)}")
+            if not evaluate:
+                self.run_done(run)
 
-    def phase_failed(phase: _Phase, runs: list, rc: int) -> None:
-        what = "evaluation" if phase.is_eval else "training"
-        error = f"{what} exited with {rc}: {_tail(phase.log_path, 2)}"
-        for run in runs:
-            # a failed evaluation leaves the training done: the next sweep only evaluates again
-            manifest.entry(run.name).update(state="evaluating" if phase.is_eval else "failed", returncode=rc,
-                                            error=error)
-            result.failed.append(run.name)
-        manifest.save()
-        progress.line(f"{tag(runs)}: FAILED ({what} exited with {rc}; see {phase.log_path})")
-
-    def evaluation_finished(phase: _Phase, rc: int) -> None:
+    def evaluation_finished(self, phase: _Phase, rc: int) -> None:
         """Runs whose eval.json the evaluation wrote are done; if it stopped early, the rest failed."""
         evaluated = [run for run in phase.runs if is_evaluated(run)]
         for run in evaluated:
             evaluation = read_json(os.path.join(run.run_dir, "eval.json")) or {}
-            manifest.entry(run.name).update(state="done", eval=evaluation.get("results"), error=None)
-        manifest.save()
+            self.manifest.entry(run.name).update(state="done", eval=evaluation.get("results"), error=None)
+        self.manifest.save()
         for run in evaluated:
-            progress.line(f"{tag([run])}: evaluated")
-            run_done(run)
+            self.progress.line(f"{self.tag([run])}: evaluated")
+            self.run_done(run)
         missing = [run for run in phase.runs if run not in evaluated]
         if missing:
-            phase_failed(phase, missing, rc)
+            self.phase_failed(phase, missing, rc)
 
-    def phase_finished(job: _Job, rc: int) -> bool:
-        """Record the phase that just ended; True when the job has another phase to run."""
-        job.log.close()
-        phase = job.current
-        if phase.is_eval:
-            evaluation_finished(phase, rc)
-        elif rc != 0:
-            phase_failed(phase, job.runs, rc)
-            return False  # nothing to evaluate: the whole pack failed
-        else:
-            training_finished(job)
-        return job.phase + 1 < len(job.phases)
+    def phase_failed(self, phase: _Phase, runs: list, rc: int) -> None:
+        what = "evaluation" if phase.is_eval else "training"
+        error = f"{what} exited with {rc}: {_tail(phase.log_path, 2)}"
+        for run in runs:
+            # a failed evaluation leaves the training done: the next sweep only evaluates again
+            self.manifest.entry(run.name).update(state="evaluating" if phase.is_eval else "failed",
+                                                 returncode=rc, error=error)
+            self.result.failed.append(run.name)
+        self.manifest.save()
+        self.progress.line(f"{self.tag(runs)}: FAILED ({what} exited with {rc}; see {phase.log_path})")
 
-    previous_handler = signal.getsignal(signal.SIGTERM)
+    def run_done(self, run: RunSpec) -> None:
+        self.result.done.append(run.name)
+        if self.on_run_done:
+            self.on_run_done(run, self.manifest.runs[run.name])
 
-    def on_sigterm(signum, frame):
-        raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        while queue or active:
-            while queue and len(active) < jobs:
-                launch(queue.pop(0))
-            time.sleep(0.2)
-            for name, job in list(active.items()):
-                rc = job.proc.poll()
-                if rc is None:
-                    continue
-                if phase_finished(job, rc):
-                    job.phase += 1
-                    start(job)
-                else:
-                    del active[name]
-            current = [r for job in active.values() for r in job.runs]
-            steps_now = done_steps + sum(r.config.train.steps for r in result.runs if r.name in result.done)
-            steps_now += sum(min(last_logged_step(r.run_dir), r.config.train.steps) for r in current
-                             if r.name not in result.done)
-            progress.steps(steps_now, ", ".join(r.name for r in current))
-    except KeyboardInterrupt:
-        for job in active.values():
-            if job.proc.poll() is None:
-                job.proc.terminate()
-        runs_left = 0
-        for job in active.values():
-            try:
-                job.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                job.proc.kill()
-            job.log.close()
-            # an interrupted evaluation keeps its finished training; an interrupted training resumes
-            for run in job.runs:
-                if run.name not in result.done and run.name not in result.failed:
-                    manifest.entry(run.name)["state"] = "evaluating" if job.trained else "interrupted"
-                    runs_left += 1
-        manifest.save()
-        progress.line(f"interrupted: re-run the same command to continue ({runs_left} run(s) resume from "
-                      "their newest checkpoint)")
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
-        progress.close()
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
