@@ -1,10 +1,10 @@
-"""Running a sweep: one subprocess per run (or per pack of runs), a manifest of states, resumable after a
-crash or a kill.
+"""Running a sweep here: one subprocess per run (or per pack of runs), a manifest of states, resumable after a
+crash or a kill. (`fasttrain sweep --slurm` submits the same jobs to Slurm instead: fasttrain/sweep/slurm.py.)
 
 Sweep folder:
-    manifest.json        every run's state (pending | running | done | failed | interrupted), start and end
-                         times, attempts, the pack it trained in and final metrics; rewritten atomically after
-                         every change
+    manifest.json        every run's state (pending | queued | running | evaluating | done | failed |
+                         interrupted | cancelled), start and end times, attempts, the pack it trained in, its
+                         GPUs or Slurm job and final metrics; rewritten atomically after every change
     sweep.yaml           the sweep as last run
     throughput.json      measured training speed per model shape and device (for --dry-run estimates)
     runs/NAME/           a run folder: config.yaml, checkpoints/, metrics.jsonl, final.json, train.log,
@@ -12,7 +12,9 @@ Sweep folder:
 
 Each run is `python -m fasttrain.cli train --config RUN/config.yaml --resume` (under `deepspeed --num_gpus N`
 when the sweep asks for several GPUs or ZeRO), so a run killed with the sweep continues from its newest
-checkpoint next time and a finished run is never trained again. With `pack: K` (or --pack K), up to K runs
+checkpoint next time and a finished run is never trained again. A trainer that exits with
+EXIT_CHECKPOINTED (it was signalled, finished its step and wrote a checkpoint) is queued again, not failed.
+On a GPU machine each job gets its own GPU(s) through CUDA_VISIBLE_DEVICES (fasttrain/sweep/placement.py). With `pack: K` (or --pack K), up to K runs
 that differ only in what packed training allows (f, E, placement, seeds) and stopped at the same checkpoint
 step train as one job: `train --config A/config.yaml --config B/config.yaml ... --resume`, one stacked model
 on one device, then `eval A B ...`, one process for the pack's evaluations. A run that trains alone is a
@@ -36,6 +38,11 @@ import yaml
 
 from fasttrain.sweep.grid import RunSpec, SweepError, SweepSpec, expand
 from fasttrain.sweep.manifest import Manifest, SweepLock, now_iso, read_json
+from fasttrain.sweep.placement import DevicePool, gpus_per_job, job_order, jobs_at_once, visible_gpus
+
+# The trainer's exit status after a SIGUSR1 or SIGTERM: it finished its step and wrote a checkpoint, and asks
+# to be run again with --resume (EX_TEMPFAIL). A requeue, never a failure.
+EXIT_CHECKPOINTED = os.EX_TEMPFAIL  # 75
 
 
 # ---- run folders -------------------------------------------------------------------------------------
@@ -160,16 +167,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_command(pack: list[RunSpec], spec: SweepSpec, python: str = sys.executable) -> list[str]:
-    """The command that trains (or resumes) a pack of runs: one --config per run, all stacked in one model."""
+def trainer_args(pack: list[RunSpec]) -> list[str]:
+    """`train --config A/config.yaml [--config B/config.yaml ...] --resume`: one process trains (or resumes) the
+    pack, all its runs stacked in one model; under a launcher, one such process per rank."""
     configs = [arg for run in pack for arg in ("--config", os.path.join(run.run_dir, "config.yaml"))]
+    return ["train", *configs, "--resume"]
+
+
+def train_command(pack: list[RunSpec], spec: SweepSpec, python: str = sys.executable,
+                  devices: Optional[list[str]] = None) -> list[str]:
+    """The command that trains (or resumes) a pack of runs here. devices: the GPUs the job was given (its
+    CUDA_VISIBLE_DEVICES); the deepspeed launcher then starts one rank on each of them."""
     if spec.uses_deepspeed:
         if len(pack) > 1:
             raise SweepError("packed training runs on one device: a sweep using deepspeed trains one run at a time")
         launcher = shutil.which("deepspeed") or "deepspeed"
-        return [launcher, "--num_gpus", str(spec.num_gpus), "--master_port", str(_free_port()), "--module",
-                "fasttrain.cli", "train", *configs, "--resume"]
-    return [python, "-m", "fasttrain.cli", "train", *configs, "--resume"]
+        # with CUDA_VISIBLE_DEVICES set and no --num_gpus, the launcher takes exactly those devices
+        gpus = [] if devices else ["--num_gpus", str(spec.num_gpus)]
+        return [launcher, *gpus, "--master_port", str(_free_port()), "--module", "fasttrain.cli", *trainer_args(pack)]
+    return [python, "-m", "fasttrain.cli", *trainer_args(pack)]
 
 
 def eval_command(runs: list[RunSpec], metrics, python: str = sys.executable) -> list[str]:
@@ -212,6 +228,7 @@ class _Job:
     the pack's training, then its evaluation. Runs that need only their evaluation form packs of their own."""
     runs: list
     phases: list
+    devices: list = field(default_factory=list)  # its GPUs (CUDA_VISIBLE_DEVICES), none on a CPU
     proc: Optional[subprocess.Popen] = None
     phase: int = 0
     started: float = 0.0
@@ -234,6 +251,7 @@ class SweepResult:
     done: list = field(default_factory=list)
     failed: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
+    queued: list = field(default_factory=list)  # on Slurm: runs whose job is queued or running
 
 
 class Progress:
@@ -296,35 +314,44 @@ def _tail(path: str, lines: int = 5) -> str:
     return " | ".join(ln.strip() for ln in text.strip().splitlines()[-lines:])
 
 
-def run_sweep(spec: SweepSpec, out_dir: Optional[str] = None, jobs: int = 1, progress: bool = True,
+def record_runs(spec: SweepSpec, runs: list[RunSpec], sweep_dir: str, manifest: Manifest) -> None:
+    """Check or write every run folder's config (before anything is trained), keep the sweep file beside the
+    manifest, and give every run its manifest entry with its axes."""
+    for run in runs:
+        prepare_run_folder(run)
+    spec.save(os.path.join(sweep_dir, "sweep.yaml"))
+    manifest.doc["sweep_dir"] = sweep_dir
+    manifest.doc["order"] = [r.name for r in runs]
+    for run in runs:
+        entry = manifest.entry(run.name)
+        entry.update(run.axes())
+        entry["run_dir"] = os.path.relpath(run.run_dir, sweep_dir)
+
+
+def run_sweep(spec: SweepSpec, out_dir: Optional[str] = None, jobs: Optional[int] = None, progress: bool = True,
               python: str = sys.executable, on_run_done: Optional[Callable] = None,
               pack: Optional[int] = None) -> SweepResult:
-    """Run every run of the sweep that is not finished yet; returns which finished and which failed.
+    """Run every run of the sweep that is not finished yet, here; returns which finished and which failed.
+    jobs: at most this many at once (default: one per GPU or GPU set, one on a CPU).
     pack: runs trained together (default: the sweep file's `pack`)."""
-    if jobs < 1:
-        raise SweepError(f"--jobs {jobs}: must be at least 1")
     pack, note = resolve_pack(spec, pack)
     if note:
         print(note)
     runs = expand(spec, out_dir)
     sweep_dir = os.path.abspath(out_dir or spec.out_dir)
-    if spec.uses_deepspeed and jobs > 1:
-        print(f"note: runs use the deepspeed launcher on {spec.num_gpus} GPU(s): running them one at a time")
-        jobs = 1
+    gpus = visible_gpus(runs[0].config.train.device)
+    at_once, note = jobs_at_once(spec, gpus, jobs)
+    if note:
+        print(note)
     os.makedirs(os.path.join(sweep_dir, "runs"), exist_ok=True)
     with SweepLock(sweep_dir):
         manifest = Manifest(sweep_dir)
-        for run in runs:  # every folder is checked before anything is trained
-            prepare_run_folder(run)
-        spec.save(os.path.join(sweep_dir, "sweep.yaml"))
-        manifest.doc["sweep_dir"] = sweep_dir
-        manifest.doc["order"] = [r.name for r in runs]
+        _refuse_runs_on_slurm(manifest)
+        record_runs(spec, runs, sweep_dir, manifest)
         result = SweepResult(sweep_dir, runs)
         todo = []
         for run in runs:
             entry = manifest.entry(run.name)
-            entry.update(run.axes())
-            entry["run_dir"] = os.path.relpath(run.run_dir, sweep_dir)
             if is_finished(run, entry, spec.evaluate):
                 result.skipped.append(run.name)
                 if entry["state"] != "done":  # killed after its last step, before the manifest said so
@@ -336,20 +363,39 @@ def run_sweep(spec: SweepSpec, out_dir: Optional[str] = None, jobs: int = 1, pro
                     entry["state"] = "interrupted"
                 todo.append(run)
         manifest.save()
-        LocalExecutor(spec, manifest, result, jobs, progress, python, on_run_done).run(
+        LocalExecutor(spec, manifest, result, at_once, progress, python, on_run_done, gpus=gpus).run(
             plan_jobs(todo, manifest.runs, pack))
     return result
 
 
+def _refuse_runs_on_slurm(manifest: Manifest) -> None:
+    """A run whose Slurm job is still queued or running is not started here as well."""
+    submitted = {name: e["job_id"] for name, e in manifest.runs.items() if e.get("job_id")}
+    if not submitted or shutil.which("squeue") is None:
+        return
+    from fasttrain.sweep.slurm import SlurmQueue
+
+    queue = SlurmQueue.query(list(submitted.values()), accounting=False)
+    for name, job_id in submitted.items():
+        if job_id in queue.states:
+            raise SweepError(f"run {name} is on Slurm as job {job_id} ({queue.states[job_id]}): follow it with "
+                             "`fasttrain sweep SWEEP.yaml --status`, or stop its jobs with --cancel before running "
+                             "the sweep here")
+
+
 class LocalExecutor:
-    """Runs a sweep's jobs as subprocesses of this one, up to `jobs` at once, and records every change of a
-    run's state in the manifest. A job is a pack of runs (one run when it trains alone) with its phases: the
-    pack's training, then its evaluation."""
+    """Runs a sweep's jobs as subprocesses of this one, up to `jobs` at once, each on its own GPU(s) when there
+    are some, and records every change of a run's state in the manifest. A job is a pack of runs (one run
+    when it trains alone) with its phases: the pack's training, then its evaluation."""
 
     def __init__(self, spec: SweepSpec, manifest: Manifest, result: SweepResult, jobs: int,
-                 progress: bool = True, python: str = sys.executable, on_run_done: Optional[Callable] = None):
+                 progress: bool = True, python: str = sys.executable, on_run_done: Optional[Callable] = None,
+                 gpus: Optional[list[str]] = None):
         self.spec, self.manifest, self.result = spec, manifest, result
         self.jobs, self.python, self.on_run_done = jobs, python, on_run_done
+        self.pool = DevicePool(gpus) if gpus else None
+        self.need = gpus_per_job(spec)
+        self.queue: list[list[RunSpec]] = []
         runs = result.runs
         self.total_steps = sum(r.config.train.steps for r in runs)
         self.skipped_steps = sum(r.config.train.steps for r in runs if r.name in result.skipped)
@@ -366,14 +412,16 @@ class LocalExecutor:
         if result.skipped:
             self.progress.line(f"{len(result.skipped)} of {len(result.runs)} runs already done; "
                                f"{sum(map(len, packs))} to run")
-        # with several at once, the costliest packs start first so that the last ones finish close together
-        queue = sorted(packs, key=lambda p: -sum(r.flops for r in p)) if self.jobs > 1 else list(packs)
+        self.queue = [packs[i] for i in job_order([sum(r.flops for r in p) for p in packs], self.jobs)]
         previous_handler = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         try:
-            while queue or self.active:
-                while queue and len(self.active) < self.jobs:
-                    self.launch(queue.pop(0))
+            while self.queue or self.active:
+                while self.queue and len(self.active) < self.jobs:
+                    devices = self.pool.take(self.need) if self.pool else []
+                    if devices is None:
+                        break  # every GPU is busy
+                    self.launch(self.queue.pop(0), devices)
                 time.sleep(0.2)
                 self.poll()
                 self.show_steps()
@@ -395,6 +443,8 @@ class LocalExecutor:
                 self.start_phase(job)
             else:
                 del self.active[name]
+                if self.pool:
+                    self.pool.give(job.devices)
 
     def show_steps(self) -> None:
         result = self.result
@@ -431,15 +481,18 @@ class LocalExecutor:
         names = runs[0].name if len(runs) == 1 else f"pack of {len(runs)} ({', '.join(r.name for r in runs)})"
         return f"[{numbers:>{self.width}}/{len(self.result.runs)}] {names}"
 
-    def launch(self, runs: list) -> None:
-        """Start a job: its training, or only its evaluation when its runs are trained already."""
+    def launch(self, runs: list, devices: list[str]) -> None:
+        """Start a job on its devices: its training, or only its evaluation when its runs are trained already."""
         spec, manifest = self.spec, self.manifest
         first = runs[0]
         trained = is_trained(first, manifest.entry(first.name))  # plan_jobs never mixes trained and untrained
-        phases = [] if trained else [_Phase(train_command(runs, spec, self.python), runs, is_eval=False)]
+        phases = [] if trained else [_Phase(train_command(runs, spec, self.python, devices), runs, is_eval=False)]
         if spec.evaluate:
             phases.append(_Phase(eval_command(runs, spec.evaluate, self.python), runs, is_eval=True))
-        job = _Job(runs, phases, started=time.time())
+        job = _Job(runs, phases, devices=devices, started=time.time())
+        if devices:
+            for run in runs:
+                manifest.entry(run.name)["devices"] = devices
         if trained:  # only the evaluation is missing: training is not touched, nor its times
             for run in runs:
                 manifest.entry(run.name).update(state="evaluating", returncode=None, error=None)
@@ -455,21 +508,26 @@ class LocalExecutor:
             step = newest_checkpoint_step(first.run_dir)
             how = f"resuming from step {step}" if step > 0 else "starting"
             each = " each" if len(runs) > 1 else ""
-            self.progress.line(f"{self.tag(runs)}: {how} (N = {first.params:,}, {first.tokens:,} tokens, "
+            where = f" on GPU {','.join(devices)}" if devices else ""
+            self.progress.line(f"{self.tag(runs)}: {how}{where} (N = {first.params:,}, {first.tokens:,} tokens, "
                                f"{first.config.train.steps} steps{each})")
         self.start_phase(job)
         self.active[first.name] = job
 
     def start_phase(self, job: _Job) -> None:
         phase = job.current
+        env, shown = self.env, ""
+        if job.devices:
+            env = dict(self.env, CUDA_VISIBLE_DEVICES=",".join(job.devices))
+            shown = f"CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']} "
         job.log = open(phase.log_path, "a")
-        job.log.write(f"\n# {now_iso()} $ {' '.join(phase.command)}\n")
+        job.log.write(f"\n# {now_iso()} $ {shown}{' '.join(phase.command)}\n")
         job.log.flush()
         for run in phase.runs[1:]:
             with open(os.path.join(run.run_dir, os.path.basename(phase.log_path)), "a") as log:
                 log.write(f"\n# {now_iso()} {'evaluated' if phase.is_eval else 'trained'} with "
                           f"{len(phase.runs) - 1} other run(s) in one process: its log is {phase.log_path}\n")
-        job.proc = subprocess.Popen(phase.command, stdout=job.log, stderr=subprocess.STDOUT, env=self.env,
+        job.proc = subprocess.Popen(phase.command, stdout=job.log, stderr=subprocess.STDOUT, env=env,
                                     preexec_fn=_die_with_parent)
         for run in phase.runs:
             self.manifest.entry(run.name)["pid"] = job.proc.pid
@@ -482,12 +540,25 @@ class LocalExecutor:
         phase = job.current
         if phase.is_eval:
             self.evaluation_finished(phase, rc)
+        elif rc == EXIT_CHECKPOINTED:
+            self.requeue(job)
+            return False
         elif rc != 0:
             self.phase_failed(phase, job.runs, rc)
             return False  # nothing to evaluate: the whole pack failed
         else:
             self.training_finished(job)
         return job.phase + 1 < len(job.phases)
+
+    def requeue(self, job: _Job) -> None:
+        """The trainer was signalled and stopped at a checkpoint: its runs go back to the end of the queue."""
+        for run in job.runs:
+            self.manifest.entry(run.name).update(state="interrupted", returncode=EXIT_CHECKPOINTED)
+        self.manifest.save()
+        step = newest_checkpoint_step(job.runs[0].run_dir)
+        self.progress.line(f"{self.tag(job.runs)}: stopped at a checkpoint (step {step}, exit status "
+                           f"{EXIT_CHECKPOINTED}); queued again to resume")
+        self.queue.append(job.runs)
 
     def training_finished(self, job: _Job) -> None:
         manifest, evaluate = self.manifest, self.spec.evaluate
