@@ -111,6 +111,9 @@ def local_reference(dataset_dir, tmp_path_factory):
 def test_slurm_sweep_gives_the_local_runners_results(slurm_cluster, tmp_path, dataset_dir, local_reference, capsys):
     sweep_dir = tmp_path / "sweep"
     sweep_file = write_sweep(tmp_path / "sweep.yaml", sweep_tree(sweep_dir, dataset_dir, {}))
+    assert sweep_main(["sweep", sweep_file, "--dry-run", "--no-measure"]) == 0
+    assert ("on Slurm (the default partition): 2 jobs, each 1 node x 1 process(es) with 0 GPU(s) per node"
+            in capsys.readouterr().out)
     assert sweep_main(["sweep", sweep_file, "--wait"]) == 0
     out = capsys.readouterr().out
     runs = entries(sweep_dir)

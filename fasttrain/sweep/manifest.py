@@ -1,9 +1,10 @@
 """A sweep folder's record of its runs: SWEEP_DIR/manifest.json, and the lock that gives it one writer.
 
 manifest.json holds {"runs": {name: entry}} plus sweep-level fields (sweep_dir, the runs' order, created and
-updated times). An entry holds a run's state (one of STATES), its start and end times, attempts, the pack it
-trained in and its final metrics. The file is rewritten atomically after every change, so a crash at any
-moment leaves the previous or the new version, never half of one.
+updated times). An entry holds a run's state (one of STATES; queued and cancelled for Slurm jobs), its start
+and end times, attempts, the pack it trained in, its GPUs or Slurm job ids, and its final metrics. The file
+is rewritten atomically after every change, so a crash at any moment leaves the previous or the new version,
+never half of one.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from fasttrain.sweep.grid import SweepError
 from fasttrain.train.metrics import write_json_atomic
 
 MANIFEST = "manifest.json"
-STATES = ("pending", "running", "evaluating", "done", "failed", "interrupted")
+STATES = ("pending", "queued", "running", "evaluating", "done", "failed", "interrupted", "cancelled")
 
 
 def now_iso() -> str:

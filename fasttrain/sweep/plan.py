@@ -293,25 +293,26 @@ def format_plan(doc: dict, jobs: Optional[int] = None) -> str:
     unit = "pack" if packed else "run"
     if not known and unknown:
         lines.append(f"estimated training time: unknown ({_plural(unknown, unit)} without a throughput)")
-        return "\n".join(lines)
-    total = sum(known)
-    msg = f"estimated training time left: {_fmt_time(total)} {unit} after {unit}"
+    else:
+        total = sum(known)
+        msg = f"estimated training time left: {_fmt_time(total)} {unit} after {unit}"
+        if not gpus and "slurm" not in place and (jobs or 1) > 1:
+            msg += f", about {_fmt_time(total / jobs)} with --jobs {jobs} if the device is not saturated"
+        if unknown:
+            msg += f" (+ {_plural(unknown, unit)} without an estimate)"
+        if doc["evaluate"]:
+            msg += "; plus an evaluation after each " + ("pack (one process for its runs)" if packed else "run")
+        lines.append(msg)
     if gpus:
         each = f"{place['need']} GPUs" if place["need"] > 1 else "one GPU"
         wall = _fmt_time(place["wall_s"]) if place["wall_s"] is not None else "unknown"
-        msg += (f"; placed on {_plural(len(gpus), 'GPU')} ({','.join(gpus)}), {place['at_once']} at once, {each} "
-                f"each: estimated wall time {wall}")
-    elif "slurm" in place:
+        lines.append(f"placed on {_plural(len(gpus), 'GPU')} ({','.join(gpus)}), {place['at_once']} at once, {each} "
+                     f"each: estimated wall time {wall}")
+    elif "slurm" in place and place["slurm"]["jobs"]:
         s = place["slurm"]
         where = f"partition {s['partition']}" if s["partition"] else "the default partition"
-        msg += (f"; on Slurm ({where}): {_plural(s['jobs'], 'job')}, each {_plural(s['nodes'], 'node')} x "
-                f"{s['tasks_per_node']} process(es) with {s['gpus_per_node']} GPU(s) per node; wall time: at least "
-                f"the longest job ({_fmt_time(max(known, default=0))}) once all have started, as the queue decides")
-    elif (jobs or 1) > 1:
-        msg += f", about {_fmt_time(total / jobs)} with --jobs {jobs} if the device is not saturated"
-    if unknown:
-        msg += f" (+ {_plural(unknown, unit)} without an estimate)"
-    if doc["evaluate"]:
-        msg += "; plus an evaluation after each " + ("pack (one process for its runs)" if packed else "run")
-    lines.append(msg)
+        longest = f" ({_fmt_time(max(known))})" if known else ""
+        lines.append(f"on Slurm ({where}): {_plural(s['jobs'], 'job')}, each {_plural(s['nodes'], 'node')} x "
+                     f"{s['tasks_per_node']} process(es) with {s['gpus_per_node']} GPU(s) per node; wall time: at "
+                     f"least the longest job{longest} once all have started, as the queue decides")
     return "\n".join(lines)

@@ -10,16 +10,16 @@ Sweep folder:
     runs/NAME/           a run folder: config.yaml, checkpoints/, metrics.jsonl, final.json, train.log,
                          eval.json (when the sweep evaluates)
 
-Each run is `python -m fasttrain.cli train --config RUN/config.yaml --resume` (under `deepspeed --num_gpus N`
+Each run is `python -m fasttrain.cli train --config RUN/config.yaml --resume` (under the deepspeed launcher
 when the sweep asks for several GPUs or ZeRO), so a run killed with the sweep continues from its newest
 checkpoint next time and a finished run is never trained again. A trainer that exits with
 EXIT_CHECKPOINTED (it was signalled, finished its step and wrote a checkpoint) is queued again, not failed.
-On a GPU machine each job gets its own GPU(s) through CUDA_VISIBLE_DEVICES (fasttrain/sweep/placement.py). With `pack: K` (or --pack K), up to K runs
-that differ only in what packed training allows (f, E, placement, seeds) and stopped at the same checkpoint
-step train as one job: `train --config A/config.yaml --config B/config.yaml ... --resume`, one stacked model
-on one device, then `eval A B ...`, one process for the pack's evaluations. A run that trains alone is a
-pack of one. A run folder holds one config for good: if the sweep file changed what a run means, the sweep
-stops with an error naming the run.
+On a GPU machine each job gets its own GPU(s) through CUDA_VISIBLE_DEVICES (fasttrain/sweep/placement.py).
+With `pack: K` (or --pack K), up to K runs that differ only in what packed training allows (f, E, placement,
+seeds) and stopped at the same checkpoint step train as one job: `train --config A/config.yaml --config
+B/config.yaml ... --resume`, one stacked model on one device, then `eval A B ...`, one process for the pack's
+evaluations. A run that trains alone is a pack of one. A run folder holds one config for good: if the sweep
+file changed what a run means, the sweep stops with an error naming the run.
 """
 from __future__ import annotations
 
@@ -375,7 +375,10 @@ def _refuse_runs_on_slurm(manifest: Manifest) -> None:
         return
     from fasttrain.sweep.slurm import SlurmQueue
 
-    queue = SlurmQueue.query(list(submitted.values()), accounting=False)
+    try:
+        queue = SlurmQueue.query(list(submitted.values()), accounting=False)
+    except SweepError:  # the controller does not answer: the trainers' run-folder locks still guard the runs
+        return
     for name, job_id in submitted.items():
         if job_id in queue.states:
             raise SweepError(f"run {name} is on Slurm as job {job_id} ({queue.states[job_id]}): follow it with "

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from fasttrain.sweep.grid import RunSpec, SweepError, SweepSpec, expand
+from fasttrain.sweep.grid import RunSpec, SlurmSettings, SweepError, SweepSpec, expand
 from fasttrain.sweep.manifest import Manifest, SweepLock, now_iso, read_json
 from fasttrain.sweep.runner import (EXIT_CHECKPOINTED, SweepResult, _describe_final, _tail, eval_command,
                                     is_evaluated, last_logged_step, newest_checkpoint_step, plan_jobs, record_runs,
@@ -231,7 +231,7 @@ def _why_gone(job_id: str, run: RunSpec, queue: SlurmQueue, record: Optional[dic
 
 def reconcile(runs: list[RunSpec], manifest: Manifest, spec: SweepSpec, queue: SlurmQueue) -> dict:
     """Each run's RunStatus from its manifest entry, the queue and its run folder (nothing is changed)."""
-    retries = spec.slurm.retries if spec.slurm else 0
+    retries = (spec.slurm or SlurmSettings()).retries  # --status without --slurm: the defaults it ran with
     out = {}
     for run in runs:
         entry = manifest.runs.get(run.name, {})
