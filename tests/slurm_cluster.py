@@ -15,6 +15,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from fasttrain.sweep.runner import _die_with_parent  # the daemons stop even if the test process is killed
+
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo")
 NODE_GPUS = 4
 
@@ -102,7 +104,9 @@ def _stop(proc: subprocess.Popen) -> None:
 @contextmanager
 def one_node_cluster(root: str):
     """Start the cluster in `root` (an empty folder only root can enter); on exit cancel every job, stop the
-    daemons it started and delete the folder, whatever happened in between."""
+    daemons it started and delete the folder, whatever happened in between. If the test process is killed
+    outright, the daemons still stop (the kernel sends them SIGTERM), but a job step running at that moment
+    is left behind."""
     host = socket.gethostname().split(".")[0]
     for sub in ("munge", "state", "spool", "log"):
         os.makedirs(os.path.join(root, sub), exist_ok=True)
@@ -128,12 +132,13 @@ def one_node_cluster(root: str):
         started.append(subprocess.Popen(
             ["munged", "--foreground", "--force", f"--key-file={key}", f"--socket={munge_socket}",
              f"--pid-file={root}/munge/munged.pid", f"--log-file={logs}/munged.log",
-             f"--seed-file={root}/munge/munged.seed"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+             f"--seed-file={root}/munge/munged.seed"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent))
         _wait_for(lambda: os.path.exists(munge_socket), 20, "munged's socket", logs)
         os.environ["SLURM_CONF"] = conf
         for daemon in ("slurmctld", "slurmd"):
             started.append(subprocess.Popen([daemon, "-D", "-f", conf], stdout=subprocess.DEVNULL,
-                                            stderr=subprocess.STDOUT))
+                                            stderr=subprocess.STDOUT, preexec_fn=_die_with_parent))
         _wait_for(lambda: cluster.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip() == "idle", 60,
                   "the node to come up idle", logs)
         yield cluster

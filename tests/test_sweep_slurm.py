@@ -1,5 +1,5 @@
-"""Sweeps on a real Slurm: a one-node cluster (slurmctld, slurmd, munged from Debian's packages) started by a
-session fixture, without accounting. Runs train on the CPU (1 core per job, 2 jobs at once on 2 cores)."""
+"""Sweeps on a real Slurm: a one-node cluster (slurmctld, slurmd, munged from Debian's packages) started once
+for the whole test run, without accounting. Runs train on the CPU (1 core per job, 2 jobs at once on 2 cores)."""
 import json
 import os
 import re

@@ -342,7 +342,7 @@ class Lines:
             self.say([name], f"{status.note}; submitted again to resume")
 
 
-def _session(spec: SweepSpec, out_dir: Optional[str]):
+def _runs_and_folder(spec: SweepSpec, out_dir: Optional[str]):
     runs = expand(spec, out_dir)
     sweep_dir = os.path.abspath(out_dir or spec.out_dir)
     return runs, sweep_dir
@@ -400,7 +400,7 @@ def run_slurm_sweep(spec: SweepSpec, out_dir: Optional[str] = None, pack: Option
     pack, note = resolve_pack(spec, pack)
     if note:
         print(note)
-    runs, sweep_dir = _session(spec, out_dir)
+    runs, sweep_dir = _runs_and_folder(spec, out_dir)
     os.makedirs(os.path.join(sweep_dir, "runs"), exist_ok=True)
     if retry_failed:
         with SweepLock(sweep_dir):
@@ -428,7 +428,7 @@ def run_slurm_sweep(spec: SweepSpec, out_dir: Optional[str] = None, pack: Option
 
 def sweep_status(spec: SweepSpec, out_dir: Optional[str] = None) -> tuple[list[RunSpec], dict, dict]:
     """(runs, statuses, manifest entries) reconciled with Slurm when the sweep has jobs; writes nothing."""
-    runs, sweep_dir = _session(spec, out_dir)
+    runs, sweep_dir = _runs_and_folder(spec, out_dir)
     manifest = Manifest(sweep_dir)
     job_ids = [e["job_id"] for e in manifest.runs.values() if e.get("job_id")]
     if any(e.get("jobs") for e in manifest.runs.values()) and shutil.which("squeue"):  # submitted to Slurm
@@ -460,7 +460,7 @@ def format_status(runs: list[RunSpec], statuses: dict, entries: dict, sweep_dir:
 
 def cancel(spec: SweepSpec, out_dir: Optional[str] = None) -> list[str]:
     """Cancel every queued or running job of the sweep; its runs resume when the sweep is submitted again."""
-    runs, sweep_dir = _session(spec, out_dir)
+    runs, sweep_dir = _runs_and_folder(spec, out_dir)
     if not os.path.exists(os.path.join(sweep_dir, "manifest.json")):
         raise SweepError(f"{sweep_dir}: no sweep there yet (no manifest.json): nothing to cancel")
     with SweepLock(sweep_dir):
