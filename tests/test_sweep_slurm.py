@@ -13,7 +13,7 @@ import yaml
 
 from fasttrain.sweep import slurm
 from fasttrain.sweep.cli import main as sweep_main
-from fasttrain.sweep.grid import spec_from_dict
+from fasttrain.sweep.grid import SweepError, spec_from_dict
 from fasttrain.sweep.runner import run_sweep
 from slurm_cluster import missing_commands, one_node_cluster
 
@@ -158,6 +158,9 @@ def test_lost_job_is_resubmitted_within_its_retries(slurm_cluster, tmp_path, dat
     assert slurm_cluster.queue() == {first: "PENDING"}
     assert sweep_main(["sweep", held, "--status"]) == 0
     assert re.search(rf"^{name} +queued +{first} +1 +0/20 +\(JobHeldUser\)$", capsys.readouterr().out, re.M)
+    # nor is it run here meanwhile
+    with pytest.raises(SweepError, match=rf"run {name} is on Slurm as job {first} \(PENDING\)"):
+        run_sweep(spec_from_dict({k: v for k, v in tree.items() if k != "executor"}), progress=False)
 
     # the job disappears (here: cancelled behind the sweep's back, before it started): lost, submitted again
     slurm_cluster.run("scancel", first)
