@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import datetime
 import fcntl
-import json
 import os
-from typing import Optional
 
 from fasttrain.checkpoint.files import read_json, write_json_atomic
 from fasttrain.sweep.grid import SweepError

@@ -36,7 +36,7 @@ from typing import Callable, Optional
 
 import yaml
 
-from fasttrain.checkpoint.files import read_json, write_json_atomic
+from fasttrain.checkpoint.files import read_json
 from fasttrain.config import ConfigError, config_differences, config_from_dict
 from fasttrain.sweep.grid import RunSpec, SweepError, SweepSpec, expand
 from fasttrain.sweep.manifest import Manifest, SweepLock, now_iso

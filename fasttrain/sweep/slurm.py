@@ -41,6 +41,7 @@ from fasttrain.sweep.runner import (SweepResult, _describe_final, _tail, eval_co
                                     is_evaluated, last_logged_step, newest_checkpoint_step, plan_jobs, record_runs,
                                     resolve_pack, trainer_args)
 from fasttrain.sweep.slurm_job import read_job_record
+from fasttrain.train import REQUEUE_EXIT_CODE
 
 RUNNING = ("RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESIZING")
 WAIT_POLL_S = 10.0  # --wait: seconds between two looks at the queue
