@@ -13,6 +13,7 @@ import zlib
 import pytest
 
 from fasttrain.data import corpus
+from fasttrain.data.corpus import default as default_corpus
 from fasttrain.data.corpus import (
     CorpusNotInstalled,
     iter_default_corpus,
@@ -364,7 +365,7 @@ def test_shakespeare_sections_and_file_choice(tmp_path):
 @pytest.fixture
 def stand_in_sources(monkeypatch):
     def reader(docs):
-        return corpus._Reader(lambda: iter(docs), lambda: [])
+        return default_corpus._Reader(lambda: iter(docs), lambda: [])
 
     names = [s.name for s in corpus.DEFAULT_CORPUS_SOURCES]
     readers = {name: reader([]) for name in names}
@@ -372,8 +373,8 @@ def stand_in_sources(monkeypatch):
     readers[names[1]] = reader(["small-a", "shared doc", "small-b"])
     weights = {name: 1.0 for name in names}
     weights[names[0]], weights[names[1]] = 3.0, 1.0
-    monkeypatch.setattr(corpus, "_READERS", readers)
-    monkeypatch.setattr(corpus, "_SOURCE_MB", weights)
+    monkeypatch.setattr(default_corpus, "_READERS", readers)
+    monkeypatch.setattr(default_corpus, "_SOURCE_MB", weights)
     return names
 
 
@@ -395,9 +396,9 @@ def test_default_corpus_interleaves_by_size_drops_duplicates_and_caps_bytes(stan
 
 
 def test_corpus_not_installed_says_what_to_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpus, "DICTD_DIR", tmp_path / "dictd")
-    monkeypatch.setattr(corpus, "SWORD_DIR", tmp_path / "sword")
-    monkeypatch.setattr(corpus, "FORTUNES_DIR", tmp_path / "fortunes")
+    monkeypatch.setattr(default_corpus, "DICTD_DIR", tmp_path / "dictd")
+    monkeypatch.setattr(default_corpus, "SWORD_DIR", tmp_path / "sword")
+    monkeypatch.setattr(default_corpus, "FORTUNES_DIR", tmp_path / "fortunes")
     monkeypatch.setenv("FASTTRAIN_CORPUS_DIR", str(tmp_path / "corpus"))
     with pytest.raises(CorpusNotInstalled) as info:
         iter_default_corpus(max_bytes=1000)
@@ -448,7 +449,7 @@ def test_installed_default_corpus_is_large_clean_english_and_deterministic():
     start = time.process_time()  # CPU seconds: other jobs on the machine do not count
     total = non_ascii = 0
     first_docs, markup_hits, sources = [], [], set()
-    for name, doc in corpus._iter_labeled_documents():  # what iter_default_corpus yields, with sources
+    for name, doc in default_corpus._iter_labeled_documents():  # what iter_default_corpus yields, with sources
         raw = doc.encode("utf-8")
         total += len(raw)
         if total > 32_000_000:
