@@ -127,6 +127,10 @@ def run_show_batch(args, overrides=(), load_config=None):
 
     cfg = _load(args.target, overrides, load_config)
     _, stream = open_training_stream(cfg, verify=False, pin_memory=False)
+    steps = stream.num_steps(cfg.train.global_batch)
+    if not 0 <= args.step < steps:
+        raise ValueError(f"--step {args.step} is outside this run: it has {steps} steps, so give a step from 0 to "
+                         f"{steps - 1}")
     result = show_batch(stream, args.step, cfg.train.global_batch)
     if args.json:
         print(json.dumps(result, indent=1))
