@@ -85,7 +85,9 @@ class IndexedDataset:
 
     def __init__(self, prefix):
         self.prefix = os.fspath(prefix)
-        self.token_offset = 0  # of .tokens[0] in the .bin (non-zero in a document_range view)
+        # Where this dataset starts in its files: non-zero in a document_range view.
+        self.token_offset = 0
+        self.first_sequence = 0
         self.first_document = 0
         self.bin_path, self.idx_path = _paths(self.prefix)
         self.dtype, n, m = read_index_header(self.idx_path)
@@ -148,7 +150,8 @@ class IndexedDataset:
         (check_contiguous)."""
         if not 0 <= start <= stop <= self.num_documents:
             raise IndexError(f"documents [{start}, {stop}) outside the {self.num_documents} documents of {self.prefix}")
-        first_seq, end_seq = int(self.doc_idx[start]), int(self.doc_idx[stop])
+        first_seq = int(self.doc_idx[start]) - self.first_sequence  # doc_idx holds sequence numbers of the file
+        end_seq = int(self.doc_idx[stop]) - self.first_sequence
         t0, t1 = self._token_index(first_seq), self._token_index(end_seq)
         view = copy.copy(self)
         view.sizes = self.sizes[first_seq:end_seq]
@@ -157,17 +160,19 @@ class IndexedDataset:
         view.tokens = self.tokens[t0 - self.token_offset : t1 - self.token_offset]
         view.num_tokens = t1 - t0
         view.token_offset = t0
+        view.first_sequence = self.first_sequence + first_seq
         view.first_document = self.first_document + start
         return view
 
     def _token_index(self, sequence):
-        """Position in the .bin, in tokens, where a sequence starts (the end for sequence N)."""
+        """Position in the .bin, in tokens, where this dataset's sequence starts (its end for len(self))."""
         if sequence < len(self.sizes):
             return int(self.pointers[sequence]) // self.dtype.itemsize
         return self.token_offset + self.num_tokens
 
     def check_contiguous(self, chunk=1 << 22):
-        """Raise unless the sequences tile the .bin back to back (pointers == cumulative sizes)."""
+        """Raise unless the sequences tile the .bin back to back (pointers == cumulative sizes) and doc_idx
+        covers them in order (a whole file, not a document_range view)."""
         n = len(self.sizes)
         expected_next = 0
         for start in range(0, n, chunk):
