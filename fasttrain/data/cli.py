@@ -29,8 +29,9 @@ def register(subparsers):
     p.add_argument("--test-from-indexed", metavar="PREFIX",
                    help="with --from-indexed: these .bin/.idx files are the test split (instead of --test-fraction)")
     p.add_argument("--hash", action="store_true",
-                   help="with --from-indexed: record the sha256 of the registered files and verify it at every "
-                        "open of a changed folder (reads them once more); without it, sizes and structure are checked")
+                   help="with --from-indexed: record the sha256 of the registered files (computed in the read that "
+                        "checks their token ids) and verify it when they change; without it, sizes and structure are "
+                        "checked")
     p.add_argument("--out", metavar="DIR", help="dataset folder to create (default: data/default or data/<input name>)")
     p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default 8192)")
     p.add_argument("--test-fraction", type=float, default=None,
