@@ -83,6 +83,28 @@ def test_test_loss_equals_independent_computation(setup):
     assert few["test_bits_per_byte"] == pytest.approx(bpb, rel=1e-5)
 
 
+def test_icl_score_equals_independent_computation(setup):
+    # "Loss at token k" predicts the k-th token of a context from the k - 1 before it; the score is the mean
+    # over contexts of loss(late) - loss(early). A budget this large takes every test window as a context.
+    model, dataset, cfg = setup["model"], setup["dataset"], setup["cfg"]
+    tokens = np.asarray(dataset.test.tokens).astype(np.int64)
+    for requested, (early, late) in [(None, (50, 128)), ((10, 100), (10, 100))]:
+        result = evaluate(model, dataset, cfg, metrics=["icl"], tokens=10**6, icl_positions=requested)
+        assert result["icl_positions"] == [early, late]
+        n_contexts = len(tokens) // late
+        assert result["icl_sequences"] == n_contexts
+        contexts = torch.from_numpy(tokens[:n_contexts * late].reshape(n_contexts, late)).to(DEVICE)
+        with torch.no_grad():
+            logits = model(contexts[:, :-1]).double()
+        loss_at = {k: F.cross_entropy(logits[:, k - 2], contexts[:, k - 1], reduction="none").cpu()
+                   for k in (early, late)}
+        diff = loss_at[late] - loss_at[early]
+        assert result["icl_loss_early"] == pytest.approx(loss_at[early].mean().item(), rel=1e-6)
+        assert result["icl_loss_late"] == pytest.approx(loss_at[late].mean().item(), rel=1e-6)
+        assert result["icl_score"] == pytest.approx(diff.mean().item(), abs=1e-6)
+        assert result["icl_score_stderr"] == pytest.approx(diff.std().item() / n_contexts**0.5, rel=1e-4)
+
+
 def test_evaluate_reports_every_metric_deterministically(setup):
     model, dataset, cfg = setup["model"], setup["dataset"], setup["cfg"]
     first = evaluate(model, dataset, cfg, tokens=512, step=5)

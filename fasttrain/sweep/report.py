@@ -25,7 +25,7 @@ import yaml
 from fasttrain.ladder import PRESETS, non_embedding_params
 from fasttrain.sweep.fit import FitError, ScalingFit, effective_size, fit_scaling_law
 from fasttrain.sweep.grid import SweepError, format_number
-from fasttrain.sweep.runner import MANIFEST, read_json
+from fasttrain.sweep.manifest import MANIFEST, read_json
 from fasttrain.train.metrics import read_metrics, write_json_atomic
 
 # Optional evaluation metrics plotted against E: (key in eval results, axis label, file, title)
