@@ -168,7 +168,7 @@ def test_missing_optional_package_names_the_pip_command(tmp_path, monkeypatch, c
 def test_parquet_and_zst_tokens_match_jsonl_exactly_on_long_documents(tmp_path, tokenizer_file):
     # Documents longer than the readers' chunks (1 MiB zstd blocks, 256-row Parquet batches) stay whole.
     rng = np.random.default_rng(0)
-    docs = [" ".join(rng.choice(WORDS, size=int(n))) for n in rng.integers(100, 400_000, size=12)]
+    docs = [" ".join(rng.choice(WORDS, size=int(n))) for n in rng.integers(100, 250_000, size=6)]
     write_zst(tmp_path / "long.jsonl.zst", jsonl_bytes(docs))
     write_parquet(tmp_path / "long.parquet", docs, row_group_size=5)
     assert list(iter_text_documents(tmp_path / "long.jsonl.zst")) == docs
