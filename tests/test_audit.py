@@ -180,3 +180,18 @@ def test_fasttrain_command_line_runs_audit(dataset_dir, tmp_path, capsys):
     assert len(json.loads(capsys.readouterr().out)["sequences"]) == 16
     assert main(["audit", str(cfg), "--data.repeat_count", "8"]) == 0
     assert "E=8" in capsys.readouterr().out
+
+
+def test_show_batch_outside_the_run_is_one_error_line(dataset_dir, tmp_path, capsys):
+    from fasttrain.cli import main
+
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"model: {{preset: 100k}}\ndata: {{path: '{dataset_dir}', seq_len: 15}}\n"
+                   f"train: {{steps: 30, global_batch: 4}}\noptim: {{warmup_steps: 2}}\n")
+    for step in (99, 30, -1):
+        assert main(["show-batch", str(cfg), "--step", str(step)]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err == f"error: --step {step} is outside this run: it has 30 steps, so give a step from 0 to 29\n"
+    assert main(["show-batch", str(cfg), "--step", "29"]) == 0
+    assert "global batch 29: 4 sequences" in capsys.readouterr().out
