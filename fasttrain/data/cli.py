@@ -7,7 +7,13 @@ import json
 import os
 import sys
 
-from .prepare import DEFAULT_TOKENIZER_SAMPLE_CHARS
+from fasttrain.config import load_config
+
+from .audit import audit_schedule, format_audit_table, format_batch_table, show_batch
+from .corpus import iter_corpus, iter_text_documents
+from .corpus.install import install_corpus
+from .external import register_indexed_dataset
+from .prepare import DEFAULT_TOKENIZER_SAMPLE_CHARS, prepare_dataset
 from .sampler import open_training_stream
 
 
@@ -79,8 +85,6 @@ def _take_bytes(documents, max_bytes):
 
 
 def run_prepare(args):
-    from .corpus import iter_corpus, iter_text_documents
-    from .prepare import prepare_dataset
 
     if args.from_indexed:
         return run_register(args)
@@ -121,13 +125,11 @@ def run_prepare(args):
 
 
 def run_install_corpus(args):
-    from .corpus.install import install_corpus
 
     return install_corpus(log=lambda line: print(line, flush=True))
 
 
 def run_register(args):
-    from .external import register_indexed_dataset
 
     if not args.tokenizer:
         raise ValueError("--from-indexed needs --tokenizer FILE: the tokenizer.json the files were tokenized with")
@@ -157,16 +159,12 @@ def config_path(target):
     return target
 
 
-def _load(target, overrides, load_config):
-    if load_config is None:
-        from fasttrain.config import load_config
+def _load(target, overrides):
     return load_config(config_path(target), list(overrides or []))
 
 
-def run_audit(args, overrides=(), load_config=None):
-    from .audit import audit_schedule, format_audit_table
-
-    cfg = _load(args.target, overrides, load_config)
+def run_audit(args, overrides=()):
+    cfg = _load(args.target, overrides)
     _, stream = open_training_stream(cfg, pin_memory=False)
     result = audit_schedule(stream, progress=not args.json and sys.stderr.isatty())
     if args.json:
@@ -178,10 +176,8 @@ def run_audit(args, overrides=(), load_config=None):
     return result
 
 
-def run_show_batch(args, overrides=(), load_config=None):
-    from .audit import format_batch_table, show_batch
-
-    cfg = _load(args.target, overrides, load_config)
+def run_show_batch(args, overrides=()):
+    cfg = _load(args.target, overrides)
     _, stream = open_training_stream(cfg, verify=False, pin_memory=False)
     steps = stream.num_steps(cfg.train.global_batch)
     if not 0 <= args.step < steps:
