@@ -27,6 +27,7 @@ import importlib.util
 import io
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -171,7 +172,9 @@ def submit(jobs: list[list[RunSpec]], spec: SweepSpec, runs: list[RunSpec], swee
 
     from fasttrain.sweep.slurm_job import run_job
 
-    executor = submitit.SlurmExecutor(folder=os.path.join(sweep_dir, "slurm"), max_num_timeout=0, python=python)
+    # The job runs submitit's command through slurm_job.main, which checks the job's pickle before submitit loads it.
+    executor = submitit.SlurmExecutor(folder=os.path.join(sweep_dir, "slurm"), max_num_timeout=0,
+                                      python=f"{shlex.quote(python)} -m fasttrain.sweep.slurm_job")
     executor.update_parameters(**sbatch_parameters(spec, runs, sweep_dir))
     handles = []
     try:
