@@ -91,7 +91,7 @@ def test_evaluate_reports_every_metric_deterministically(setup):
     assert first == second
     assert "skipped" not in first
     assert first["test_tokens"] == 512 and 4.5 < first["test_loss"] < 7.0  # ~ln(300) at init
-    assert first["copy_length"] == 63 and first["icl_positions"] == [50, 128]
+    assert first["copy_length"] == 11 and first["copy_copies"] == 11 and first["icl_positions"] == [50, 128]
     assert np.array(first["induction_scores"]).shape == (2, 2)
     assert first["induction_score_max"] == max(first["induction_score_per_layer"])
     # Repeated windows seen by step 5 (20 of 40 sequences), counted independently from the schedule.
@@ -196,7 +196,7 @@ def test_bad_inputs_are_clear_errors(setup, tmp_path):
     with pytest.raises(ValueError, match="beyond the context of 128"):
         evaluate(model, dataset, cfg, metrics="icl", icl_positions=(50, 500))
     with pytest.raises(ValueError, match="at most 63"):
-        evaluate(model, dataset, cfg, metrics="copying", copy_length=100)
+        evaluate(model, dataset, cfg, metrics="copying", copy_length=100, copies=2)
     with pytest.raises(ValueError, match="unknown metric 'tset'"):
         evaluate(model, dataset, cfg, metrics="tset")
 

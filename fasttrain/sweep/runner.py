@@ -225,13 +225,15 @@ def train_command(pack: list[RunSpec], spec: SweepSpec, python: str = sys.execut
     return [python, "-m", "fasttrain.cli", "train", *configs, "--resume"]
 
 
-def eval_command(runs: list[RunSpec], metrics, python: str = sys.executable) -> list[str]:
+def eval_command(runs: list[RunSpec], metrics, python: str = sys.executable, options: dict | None = None) -> list[str]:
     """The command that evaluates runs into RUN/eval.json: one process for all of them (start-up, CUDA
-    context and kernel autotuning paid once)."""
+    context and kernel autotuning paid once). options: the sweep's eval_options (copies, tokens)."""
     cmd = [python, "-m", "fasttrain.cli", "eval", *(run.run_dir for run in runs),
            "--json", os.path.join("{run}", "eval.json")]
     if isinstance(metrics, list):
         cmd += ["--metrics", ",".join(metrics)]
+    for key, value in (options or {}).items():
+        cmd += [f"--{key}", str(value)]
     return cmd
 
 
@@ -432,7 +434,7 @@ def _execute(spec, packs, manifest, result, jobs, progress_enabled, python, on_r
         trained = is_trained(first, manifest.entry(first.name))  # plan_jobs never mixes trained and untrained
         phases = [] if trained else [_Phase(train_command(runs, spec, python), runs, is_eval=False)]
         if spec.evaluate:
-            phases.append(_Phase(eval_command(runs, spec.evaluate, python), runs, is_eval=True))
+            phases.append(_Phase(eval_command(runs, spec.evaluate, python, spec.eval_options), runs, is_eval=True))
         job = _Job(runs, phases, started=time.time())
         if trained:  # only the evaluation is missing: training is not touched, nor its times
             for run in runs:
