@@ -20,8 +20,9 @@ Copying score of a head (fixed definition):
 - Score at i: sum_j a_ij c_i[x_j] / R_i, the attention-weighted mean-subtracted logit of the attended tokens
   x_j, relative to the total raise. The mean-subtracted logits sum to zero, so R_i is also the total
   lowering and the score lies in [-1, 1]: 1 when the head raises only the tokens it attends to, 0 when it
-  is indifferent to them (or writes nothing the unembedding reads: R_i = 0 scores 0), -1 when it lowers
-  only them (an anti-copying head).
+  is indifferent to them, -1 when it lowers only them (an anti-copying head). A head that writes nothing
+  the unembedding tells apart (R_i <= 1e-5 x sum over the vocabulary of |d_i|: its logits are one constant
+  up to rounding) scores 0.
 - Head score: the mean over query positions and sequences. Computed in fp32.
 
 Previous-token score of a head (fixed definition): its mean attention from position i to position i - 1
@@ -41,6 +42,7 @@ from fasttrain.measure.prefix_matching import (PAPER_SEQUENCES, check_fits, data
 from fasttrain.measure.windows import model_device
 
 QUERY_CHUNK = 256  # query rows of the explicit attention at a time: memory O(chunk x seq_len) per head
+WRITES_NOTHING = 1e-5  # total raise / sum of |logits| below which a head's logits count as one constant
 
 
 @contextmanager
@@ -113,8 +115,10 @@ def copying_head_scores_on(model, idx: torch.Tensor, query_positions) -> np.ndar
             centered = logits - logits.mean(dim=-1, keepdim=True)
             raise_total = centered.clamp_min(0).sum(dim=-1)  # (B, Q)
             attended = (probs[:, h] * centered.gather(-1, attended_ids)).sum(dim=-1)  # (B, Q)
-            score = torch.where(raise_total > 0, attended / raise_total.clamp_min(1e-30),
-                                torch.zeros_like(attended))
+            # A head whose logits are one constant writes nothing the unembedding tells apart: what is left
+            # after the mean is subtracted is rounding, and it scores 0.
+            writes = raise_total > WRITES_NOTHING * logits.abs().sum(dim=-1)
+            score = torch.where(writes, attended / raise_total.clamp_min(1e-30), torch.zeros_like(attended))
             scores[layer, h] = float(score.clamp(-1.0, 1.0).mean())
     return scores
 
