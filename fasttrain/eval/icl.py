@@ -17,8 +17,8 @@ Definition (fixed):
   at positions 50 and 128: a standard deviation of 0.24 nats per paired difference against 3.5 nats for
   two different tokens, i.e. about 200 times fewer contexts for the same error).
 - Standard error (icl_score_stderr): of the mean of the per-context differences, contexts grouped by their
-  document (fasttrain.measure.stats). A negative score means later tokens are predicted better (about -0.4 nats once induction
-  heads have formed, in Olsson et al.).
+  document (fasttrain.measure.stats). A negative score means later tokens are predicted better (about
+  -0.4 nats once induction heads have formed, in Olsson et al.).
 - When the context is shorter than 500 tokens, the nearest positions it allows are used: late =
   min(500, context_length), early = 50 (or late // 10, at least 2, when late <= 50). The positions used are
   reported (icl_positions) with the mean losses at each (icl_loss_early, icl_loss_late).
@@ -74,7 +74,8 @@ def icl_score(model, dataset, context_length: int, positions: tuple[int, int] | 
     windows = read_windows(dataset, "test", ids, late - 1)  # `late` tokens each
     late_loss = token_losses(model, windows, batch_size, device)[:, late - 2].double()  # column t: token t + 2
     early_loss = token_losses(model, windows[:, late - early:], batch_size, device)[:, early - 2].double()
-    score, stderr = mean_and_stderr((late_loss - early_loss).numpy(), window_documents(dataset, "test", ids, late - 1))
+    documents = window_documents(dataset, "test", ids, late - 1)
+    score, stderr = mean_and_stderr((late_loss - early_loss).numpy(), documents)
     return {
         "icl_score": score,
         "icl_score_stderr": stderr,

@@ -233,7 +233,8 @@ def format_table(doc: dict) -> str:
                                 f"({r['seen_unique_tokens']:,} tokens)")
     if "copy_text_first_loss" in r:
         C, L = r["copy_copies"], r["copy_length"]
-        for kind, n in (("text", r["copy_sequences"]), ("random", r.get("copy_random_sequences", r["copy_sequences"]))):
+        for kind, n in (("text", r["copy_sequences"]),
+                        ("random", r.get("copy_random_sequences", r["copy_sequences"]))):
             mean = r.get(f"copy_{kind}_loss", r[f"copy_{kind}_second_loss"])
             row(f"copying, {kind} (C={C}, L={L})",
                 f"copies 2-{C} {with_error(mean, r.get(f'copy_{kind}_loss_stderr'))} nats/token  "
@@ -242,8 +243,8 @@ def format_table(doc: dict) -> str:
         layer, head = r["induction_best_head"]
         per_layer = " ".join(f"{s:.3f}" for s in r["induction_score_per_layer"])
         n = f"; {r['induction_sequences']} sequences" if "induction_sequences" in r else ""
-        row("induction (prefix matching)", f"max {with_error(r['induction_score_max'], r.get('induction_score_max_stderr'), 3)} "
-                                           f"(layer {layer} head {head}{n}); per layer: {per_layer}")
+        best = with_error(r["induction_score_max"], r.get("induction_score_max_stderr"), 3)
+        row("induction (prefix matching)", f"max {best} (layer {layer} head {head}{n}); per layer: {per_layer}")
     if "copying_head_scores" in r:
         row("copying score (per head)", best_head(r["copying_head_scores"]))
         row("previous-token score", best_head(r["previous_token_scores"]))

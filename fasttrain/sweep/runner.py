@@ -225,7 +225,8 @@ def train_command(pack: list[RunSpec], spec: SweepSpec, python: str = sys.execut
     return [python, "-m", "fasttrain.cli", "train", *configs, "--resume"]
 
 
-def eval_command(runs: list[RunSpec], metrics, python: str = sys.executable, options: dict | None = None) -> list[str]:
+def eval_command(runs: list[RunSpec], metrics, python: str = sys.executable,
+                 options: dict | None = None) -> list[str]:
     """The command that evaluates runs into RUN/eval.json: one process for all of them (start-up, CUDA
     context and kernel autotuning paid once). options: the sweep's eval_options (copies, tokens)."""
     cmd = [python, "-m", "fasttrain.cli", "eval", *(run.run_dir for run in runs),
