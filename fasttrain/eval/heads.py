@@ -143,17 +143,23 @@ def previous_token_scores(model, windows, batch_size: int = 8, device=None) -> n
     if T < 2:
         raise ValueError(f"a previous-token score needs windows of at least 2 tokens, got {T}")
     model.eval()
-    total = torch.zeros(model.n_layer, model.n_head, dtype=torch.float64)
-    for start in range(0, n, max(1, batch_size)):
-        with captured_inputs(model) as captured:
-            model.hidden_states(windows[start:start + batch_size].to(device))
-        for layer, block in enumerate(model.blocks):
-            q, k, _ = queries_keys_values(block.attn, captured["attn"][layer])
+    total = torch.zeros(model.n_layer, model.n_head, dtype=torch.float64, device=device)
+
+    def accumulate(layer):  # measured as each layer runs: no layer's pattern or input is kept
+        def hook(module, args):
+            q, k, _ = queries_keys_values(module, args[0])
             for first in range(1, T, QUERY_CHUNK):  # the pattern one chunk of query rows at a time
                 rows = slice(first, min(T, first + QUERY_CHUNK))
                 probs = attention_pattern(q, k, rows)  # (B, H, rows, T)
                 i = torch.arange(rows.start, rows.stop, device=probs.device)
-                previous = probs[:, :, i - rows.start, i - 1]  # (B, H, rows): attention i -> i - 1
-                total[layer] += previous.double().sum(dim=(0, 2)).cpu()
-        del captured
-    return (total / (n * (T - 1))).numpy()
+                total[layer] += probs[:, :, i - rows.start, i - 1].double().sum(dim=(0, 2))  # attention i -> i - 1
+        return hook
+
+    handles = [block.attn.register_forward_pre_hook(accumulate(i)) for i, block in enumerate(model.blocks)]
+    try:
+        for start in range(0, n, max(1, batch_size)):
+            model.hidden_states(windows[start:start + batch_size].to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    return (total / (n * (T - 1))).cpu().numpy()

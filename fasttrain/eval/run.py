@@ -243,7 +243,7 @@ def format_table(doc: dict) -> str:
         layer, head = r["induction_best_head"]
         per_layer = " ".join(f"{s:.3f}" for s in r["induction_score_per_layer"])
         n = f"; {r['induction_sequences']} sequences" if "induction_sequences" in r else ""
-        best = with_error(r["induction_score_max"], r.get("induction_score_max_stderr"), 3)
+        best = with_error(r["induction_score_max"], r.get("induction_score_max_stderr"))
         row("induction (prefix matching)", f"max {best} (layer {layer} head {head}{n}); per layer: {per_layer}")
     if "copying_head_scores" in r:
         row("copying score (per head)", best_head(r["copying_head_scores"]))
