@@ -5,6 +5,7 @@ import json
 import os
 import random
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from fasttrain.eval.icl import icl_score
 from fasttrain.eval.run import evaluate
 from fasttrain.measure.loss import heldout_loss, seen_unique_positions, training_schedule
 from fasttrain.measure.stats import mean_and_stderr
+from fasttrain.measure.windows import window_documents
 from fasttrain.model import GPT
 from fasttrain.checkpoint.files import save_checkpoint
 
@@ -106,6 +108,18 @@ def test_mean_and_stderr_against_numpy():
     assert mean_and_stderr([1.5]) == (1.5, None) and mean_and_stderr(x, np.zeros(40))[1] is None
     with pytest.raises(ValueError, match="group labels"):
         mean_and_stderr(x, np.zeros(3))
+
+
+def test_window_documents_follow_doc_idx():
+    # Sequences of 5, 0, 7, 4 and 9 tokens (uint16); documents = sequences [0, 1], [2], [3, 4] per doc_idx.
+    sizes = np.array([5, 0, 7, 4, 9], dtype=np.int32)
+    split = types.SimpleNamespace(sizes=sizes, dtype=np.dtype(np.uint16), doc_idx=np.array([0, 2, 3, 5]),
+                                  pointers=2 * np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64))
+    dataset = types.SimpleNamespace(test=split)
+    # windows of 3 tokens (seq_len 2): middle tokens 1, 4, 7, 10, 13, 16, 19, 22
+    assert window_documents(dataset, "test", range(8), 2).tolist() == [0, 0, 1, 1, 2, 2, 2, 2]
+    split.doc_idx = np.array([0])  # no document ends recorded: each sequence is its own document
+    assert window_documents(dataset, "test", range(8), 2).tolist() == [0, 0, 2, 2, 3, 4, 4, 4]
 
 
 def test_test_loss_equals_independent_computation(setup):
