@@ -47,15 +47,14 @@ def cmd_train(args, overrides) -> None:
     try:
         summary = train(cfgs[0] if len(cfgs) == 1 else cfgs, resume=args.resume)
     finally:
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         if torch.distributed.is_initialized():
             # Free what the run left (engine, buffers of finished gloo work) while the process group is
             # alive: gloo state torn down at interpreter exit can abort the process.
             gc.collect()
-            rank = torch.distributed.get_rank()
             torch.distributed.destroy_process_group()
-            if rank != 0:
-                return
-    print(json.dumps(summary))
+    if rank == 0:
+        print(json.dumps(summary))
 
 
 def build_parser() -> argparse.ArgumentParser:

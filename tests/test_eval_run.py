@@ -187,6 +187,32 @@ def test_copying_equals_independent_computation(setup):
     assert r["copy_random_first_loss"] > 5.0 and r["copy_random_loss_stderr"] > 0
 
 
+def test_icl_score_over_the_whole_split_equals_independent_computation(setup):
+    # "Loss at token k" predicts the k-th token of a context from the k - 1 before it. Each context's last
+    # token is predicted twice: after the whole context (loss at late) and after only its last `early`
+    # tokens (loss at early); the score is the mean of the differences. A budget this large takes every
+    # test window as a context.
+    model, dataset, cfg = setup["model"], setup["dataset"], setup["cfg"]
+    tokens = np.asarray(dataset.test.tokens).astype(np.int64)
+    for requested, (early, late) in [(None, (50, 128)), ((10, 100), (10, 100))]:
+        result = evaluate(model, dataset, cfg, metrics=["icl"], tokens=10**6, icl_positions=requested)
+        assert result["icl_positions"] == [early, late]
+        n_contexts = len(tokens) // late
+        assert result["icl_sequences"] == n_contexts
+        contexts = torch.from_numpy(tokens[:n_contexts * late].reshape(n_contexts, late)).to(DEVICE)
+        with torch.no_grad():
+            late_logits = model(contexts[:, :-1])[:, -1].double()
+            early_logits = model(contexts[:, late - early:-1])[:, -1].double()
+        loss_late = F.cross_entropy(late_logits, contexts[:, -1], reduction="none").cpu().numpy()
+        loss_early = F.cross_entropy(early_logits, contexts[:, -1], reduction="none").cpu().numpy()
+        diff = loss_late - loss_early
+        assert result["icl_loss_early"] == pytest.approx(loss_early.mean(), rel=1e-6)
+        assert result["icl_loss_late"] == pytest.approx(loss_late.mean(), rel=1e-6)
+        assert result["icl_score"] == pytest.approx(diff.mean(), abs=1e-6)
+        documents = document_of_token(dataset)[np.arange(n_contexts) * late + (late - 1) // 2]
+        assert result["icl_score_stderr"] == pytest.approx(clustered_stderr(diff, documents), rel=1e-4)
+
+
 def test_evaluate_reports_every_metric_deterministically(setup):
     model, dataset, cfg = setup["model"], setup["dataset"], setup["cfg"]
     first = evaluate(model, dataset, cfg, tokens=512, step=5)

@@ -18,7 +18,9 @@ from fasttrain.config import load_config
 from fasttrain.train import REQUEUE_EXIT_CODE, train
 from fasttrain.train.trainer import folder_lock
 
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_worker.py")
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKERS = {"plain": os.path.join(HERE, "cli_worker.py"), "packed": os.path.join(HERE, "cli_worker.py"),
+           "deepspeed": os.path.join(HERE, "ds_worker.py")}
 
 
 def tree(dataset_dir, out_dir, **train_keys):
@@ -76,9 +78,9 @@ def test_the_lock_of_a_dead_trainer_is_taken_over(dataset_dir, tmp_path):
 
 
 # ---- stop on a signal, resume exactly ---------------------------------------------------------------
-def stop_mid_run(configs, run_dirs, signum, extra_args=()):
+def stop_mid_run(worker, configs, run_dirs, signum):
     args = [a for c in configs for a in ("--config", c)]
-    proc = subprocess.Popen([sys.executable, WORKER, "train", *args, *extra_args], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, worker, "train", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env=env(FASTTRAIN_TEST_STEP_DELAY="0.3"))
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -101,11 +103,11 @@ def test_a_signal_stops_at_a_step_with_a_checkpoint_and_resume_is_exact(dataset_
             t = {**tree(dataset_dir, tmp_path / f"{kind}_{name}", seed=i, precision="fp32"), **extra}
             out.append(write(tmp_path / f"{kind}_{name}.yaml", t))
     run = [str(tmp_path / f"stopped_{name}") for name in names]
-    ok = subprocess.run([sys.executable, WORKER, "train", *[a for c in straight for a in ("--config", c)]],
+    ok = subprocess.run([sys.executable, WORKERS[engine], "train", *[a for c in straight for a in ("--config", c)]],
                         capture_output=True, text=True, env=env(), timeout=300)
     assert ok.returncode == 0, ok.stderr[-3000:]
 
-    code, err = stop_mid_run(stopped, run, signal.SIGUSR1 if engine != "plain" else signal.SIGTERM)
+    code, err = stop_mid_run(WORKERS[engine], stopped, run, signal.SIGUSR1 if engine != "plain" else signal.SIGTERM)
     assert code == REQUEUE_EXIT_CODE, err[-3000:]
     assert err.strip().splitlines()[-1].startswith("stopped by SIG")
     step = max(s for s, _ in list_checkpoints(run[0])) if engine != "deepspeed" else None
@@ -115,7 +117,7 @@ def test_a_signal_stops_at_a_step_with_a_checkpoint_and_resume_is_exact(dataset_
     assert [s for s, _ in losses(run[0])] == list(range(1, step + 1))
     assert not os.path.exists(os.path.join(run[0], "final.json"))
 
-    resumed = subprocess.run([sys.executable, WORKER, "train", *[a for c in stopped for a in ("--config", c)],
+    resumed = subprocess.run([sys.executable, WORKERS[engine], "train", *[a for c in stopped for a in ("--config", c)],
                               "--resume"], capture_output=True, text=True, env=env(), timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for name in names:

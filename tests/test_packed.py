@@ -21,6 +21,7 @@ from fasttrain.train.packed import (
     packing_key,
 )
 from fasttrain.train.trainer import train
+from run_output import printed_steps
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (repeated_fraction, repeat_count, placement, data seed, init seed): every per-run axis of a sweep differs.
@@ -121,7 +122,7 @@ def _simulate_kill(run_dir, keep_up_to):
     os.remove(os.path.join(run_dir, "final.json"))
 
 
-def test_killed_pack_resumes_to_identical_losses(dataset_dir, separate_runs, tmp_path):
+def test_killed_pack_resumes_to_identical_losses(dataset_dir, separate_runs, tmp_path, capsys):
     straight = [str(tmp_path / "straight" / f"run{i}") for i in range(len(RUNS))]
     train([_cfg(dataset_dir, d, run, keep_checkpoints=True) for d, run in zip(straight, RUNS)])
     expected = [_losses(d) for d in straight]
@@ -138,7 +139,10 @@ def test_killed_pack_resumes_to_identical_losses(dataset_dir, separate_runs, tmp
         _simulate_kill(d, keep_up_to=4)
     with pytest.raises(ConfigError, match="--resume"):  # never silently restarts over a run
         train(cfgs)
+    capsys.readouterr()
     train(cfgs, resume=True)
+    # Only the steps after the common checkpoint ran (a restart from 0 would give the same losses).
+    assert printed_steps(capsys.readouterr().out) == list(range(5, 13))
     if DEVICE == "cpu":
         assert [_losses(d) for d in killed] == expected  # bit-identical
     else:  # GPU attention backward may accumulate in a different order
@@ -150,6 +154,7 @@ def test_killed_pack_resumes_to_identical_losses(dataset_dir, separate_runs, tmp
     for d in killed:
         os.remove(os.path.join(d, "final.json"))
     assert train(cfgs, resume=True) == finals
+    assert printed_steps(capsys.readouterr().out) == []  # evaluated again, not trained again
     assert [json.load(open(os.path.join(d, "final.json"))) for d in killed] == finals
 
     # A packed run's checkpoint is a plain one: the plain trainer resumes it alone to the same losses.
@@ -159,6 +164,7 @@ def test_killed_pack_resumes_to_identical_losses(dataset_dir, separate_runs, tmp
     cfg = _cfg(dataset_dir, alone, RUNS[1], keep_checkpoints=True)
     cfg.save(os.path.join(alone, "config.yaml"))
     train(cfg, resume=True)
+    assert printed_steps(capsys.readouterr().out) == list(range(9, 13))
     assert _losses(alone) == pytest.approx(expected[1], rel=1e-6)
     assert _losses(alone) == pytest.approx(_losses(separate_runs[0][1]), rel=1e-5)
 

@@ -2,7 +2,6 @@
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,9 @@ from fasttrain.checkpoint.files import list_checkpoints
 from fasttrain.optim import lr_at
 from fasttrain.train.engine import Engine
 from fasttrain.train.trainer import Run, train
+from run_output import printed_steps
+
+CLI_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cli_worker.py")
 
 
 
@@ -132,11 +134,13 @@ def test_micro_batching_does_not_change_the_result(dataset_dir, tmp_path):
     assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)
 
 
-def test_run_stopped_before_final_json_resumes_to_it(dataset_dir, tmp_path):
+def test_run_stopped_before_final_json_resumes_to_it(dataset_dir, tmp_path, capsys):
     cfg = load_config(_write_cfg(tmp_path, _cfg(dataset_dir, tmp_path / "run", train__steps=6)))
     summary = train(cfg)
+    assert printed_steps(capsys.readouterr().out) == list(range(1, 7))
     os.remove(tmp_path / "run" / "final.json")  # a kill between the last checkpoint and final.json
     assert train(cfg, resume=True) == summary
+    assert printed_steps(capsys.readouterr().out) == []  # evaluated again, not trained again
     assert json.load(open(tmp_path / "run" / "final.json")) == summary
 
 
@@ -163,13 +167,19 @@ def test_killed_run_resumes_to_identical_losses(dataset_dir, tmp_path):
 
     killed = tmp_path / "killed"
     cfg_path = _write_cfg(tmp_path, _cfg(dataset_dir, killed, train__checkpoint_every=4))
-    proc = subprocess.Popen([sys.executable, "-m", "fasttrain.cli", "train", "--config", cfg_path],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and not any(s >= 8 for s, _ in list_checkpoints(str(killed))):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # 0.2 s per step: the 22 steps after the step-8 checkpoint last over 4 s, so the kill lands mid-run.
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, CLI_WORKER, "train", "--config", cfg_path],
+                                env=dict(os.environ, FASTTRAIN_TEST_STEP_DELAY="0.2"), stdout=log, stderr=log)
+    try:
+        deadline = time.time() + 240
+        while not any(s >= 8 for s, _ in list_checkpoints(str(killed))):
+            assert proc.poll() is None, f"the run ended early: {(tmp_path / 'killed.log').read_text()[-3000:]}"
+            assert time.time() < deadline, "no step-8 checkpoint appeared"
+            time.sleep(0.05)
+    finally:
+        proc.kill()  # SIGKILL, mid-training
+        proc.wait()
     done_before_kill = max(s for s, _ in list_checkpoints(str(killed)))
     assert 8 <= done_before_kill < 30, "the run finished before it could be killed"
 
@@ -177,6 +187,8 @@ def test_killed_run_resumes_to_identical_losses(dataset_dir, tmp_path):
     assert again.returncode == 2 and "--resume" in again.stderr  # never silently restarts over a run
     resumed = _run_cli(["train", "--config", cfg_path, "--resume"], timeout=300)
     assert resumed.returncode == 0, resumed.stderr
+    # The resumed process ran only the steps after its checkpoint (a restart from 0 gives the same losses).
+    assert printed_steps(resumed.stdout) == list(range(done_before_kill + 1, 31)), resumed.stdout
     assert _losses(str(killed)) == expected  # bit-identical on the CPU
     assert [s for s, _ in list_checkpoints(str(killed))] == [30]  # only the latest is kept by default
 

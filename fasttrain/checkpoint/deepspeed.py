@@ -142,8 +142,8 @@ def resolve_ds_checkpoint(source: str) -> str:
     if os.path.isfile(os.path.join(source, COMPLETE)):
         return source
     if _TAG.match(os.path.basename(os.path.normpath(source))) and os.path.isdir(source):
-        raise CheckpointError(f"{source} is not a complete checkpoint ({COMPLETE} is missing: it was being "
-                              "written when the run stopped)")
+        raise FileNotFoundError(f"{source} is not a complete checkpoint ({COMPLETE} is missing: it was being "
+                                "written when the run stopped)")
     for folder in (ds_checkpoint_dir(source), source):
         complete = list_ds_checkpoints(folder)
         if complete:

@@ -50,20 +50,21 @@ def _saved_config(tree: dict, path: str) -> Config:
         raise CheckpointError(f"{path}: its saved config is not valid here ({e})") from None
 
 
-def check_weights(state: dict, model: torch.nn.Module, path: str, description: str) -> None:
-    """Raise CheckpointError unless `state` holds exactly the model's tensors, in its shapes."""
+def check_weights(state: dict, model: torch.nn.Module, path: str, against: str, advice: str) -> None:
+    """Raise CheckpointError unless `state` holds exactly the model's tensors, in its shapes; the message says
+    what the checkpoint was checked `against` and gives the `advice`."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     if wrong:
         k = wrong[0]
-        raise CheckpointError(f"{path} does not match the model ({description}): {k} has shape "
-                              f"{tuple(state[k].shape)} in the checkpoint but {tuple(expected[k].shape)} in the model")
+        raise CheckpointError(f"{path} does not match {against}: {k} has shape {tuple(state[k].shape)} in the "
+                              f"checkpoint but {tuple(expected[k].shape)} in the model; {advice}")
     if missing or unexpected:
         what = f"lacks {missing[0]}" if missing else f"has an unknown entry {unexpected[0]}"
         raise CheckpointError(f"{path} {what} ({len(missing)} missing, {len(unexpected)} unknown): not a "
-                              f"checkpoint of this model ({description})")
+                              f"checkpoint of {against}; {advice}")
 
 
 def load_checkpoint(path: str, device="cpu", config: Config | str | None = None) -> LoadedCheckpoint:
@@ -99,7 +100,8 @@ def load_checkpoint(path: str, device="cpu", config: Config | str | None = None)
                                     dropout=0.0)
     with torch.device("meta"):  # no random init: every parameter comes from the checkpoint
         model = GPT.from_config(model_cfg, vocab)
-    check_weights(state, model, chosen, _describe(cfg, vocab) + "; load it with the config it was trained with")
+    check_weights(state, model, chosen, f"the config ({_describe(cfg, vocab)})",
+                  "load it with the config it was trained with")
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}  # bf16 exports too
     model.load_state_dict(state, assign=True)
     model.to(device).eval()

@@ -105,13 +105,14 @@ def prepare_demo_data(data_dir: str, max_bytes: Optional[int]) -> dict:
                            source={"corpus": "default", "max_bytes": max_bytes})
 
 
-def _default_jobs() -> int:
+def _default_jobs() -> Optional[int]:
     """Tiny models use one core poorly: on a CPU, one single-threaded run per core (up to 4) trains more
-    tokens per second than one run on every core. On a GPU, 4 small runs share it."""
+    tokens per second than one run on every core. On GPUs, one job (a pack) per GPU (None: the runner's
+    default)."""
     import torch
 
     if torch.cuda.is_available():
-        return 4
+        return None
     return max(1, min(4, os.cpu_count() or 1))
 
 

@@ -25,6 +25,8 @@ token budget per size and an output folder:
                                         # (default: 11 copies; tokens = the runs' train.eval_tokens)
     pack: 1                             # > 1: train up to this many same-shape runs together as one stacked
                                         # model in one process (small models on a GPU); ignored with deepspeed
+    executor:                           # optional: submit each job (a run, or a pack) to Slurm instead of
+      slurm: {partition: gpu, time: "12:00:00"}   # running it here (keys: SlurmSettings below)
 
 Relative paths (out_dir, base data.path) are relative to the current directory, as for `fasttrain train`;
 run configs store them absolute. Run names are stable and readable: `340k_f0.1_E8_uniform_s0`, and
@@ -35,15 +37,16 @@ from __future__ import annotations
 import copy
 import itertools
 import os
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional, Union
 
 import yaml
 
 from fasttrain.config import Config, ConfigError, config_from_dict
 from fasttrain.ladder import PRESETS, non_embedding_params
 
-SWEEP_KEYS = ("out_dir", "base", "grid", "budget", "per_size", "num_gpus", "evaluate", "eval_options", "pack")
+SWEEP_KEYS = ("out_dir", "base", "grid", "budget", "per_size", "num_gpus", "evaluate", "eval_options", "pack",
+              "executor")
 EVAL_OPTIONS = {"copies": 2, "tokens": 1}  # options passed to `fasttrain eval`, with their smallest value
 GRID_KEYS = ("sizes", "repeated_fraction", "repeat_count", "placement", "seeds")
 BUDGET_KEYS = ("tokens_per_param", "tokens", "steps")
@@ -51,6 +54,80 @@ BUDGET_KEYS = ("tokens_per_param", "tokens", "steps")
 
 class SweepError(ValueError):
     """A sweep file or sweep folder that cannot be used as it is; the message says what to change."""
+
+
+@dataclass
+class SlurmSettings:
+    """`executor: {slurm: {...}}` in a sweep file: how each job (a run, or a pack of runs) is submitted to Slurm.
+    A job has nodes x (num_gpus / nodes) tasks, one process (one rank) each."""
+    partition: Optional[str] = None
+    """Slurm partition (sbatch --partition); default: the cluster's default partition."""
+    gpus_per_run: Optional[int] = None
+    """GPUs of each run on each of its nodes (sbatch --gpus-per-node); default num_gpus / nodes, or 0 when
+    base train.device is cpu (CPU-only jobs)."""
+    nodes: int = 1
+    """Nodes per run; more than one only for runs that train with DeepSpeed (num_gpus counts every node's)."""
+    cpus_per_gpu: int = 4
+    """CPU cores per process, i.e. per GPU (sbatch --cpus-per-task)."""
+    mem: Optional[str] = None
+    """Memory per node as sbatch --mem takes it, e.g. 64G; default: the partition's default."""
+    time: Optional[Union[int, str]] = None
+    """Time limit: minutes, or D-HH:MM:SS as sbatch --time takes it; default: the partition's limit."""
+    account: Optional[str] = None
+    """sbatch --account."""
+    qos: Optional[str] = None
+    """sbatch --qos."""
+    constraint: Optional[str] = None
+    """sbatch --constraint (node features, e.g. a100)."""
+    sbatch: dict = field(default_factory=dict)
+    """More sbatch options, name -> value (true for a flag), e.g. {exclusive: true, mail-type: END}."""
+    retries: int = 2
+    """How many times a run whose job failed or was lost is submitted again by a later `fasttrain sweep`."""
+    signal_seconds: int = 120
+    """SIGUSR1 reaches the trainer this long before the time limit: it checkpoints and the job is requeued."""
+
+
+def slurm_settings_from_dict(tree: Any, num_gpus: int) -> SlurmSettings:
+    """Validate `executor.slurm` (an unknown key or a wrong type names the key)."""
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise SweepError(f"executor.slurm: expected a mapping of Slurm settings, got {tree!r}")
+    keys = [f.name for f in fields(SlurmSettings)]
+    unknown = sorted(set(tree) - set(keys))
+    if unknown:
+        raise SweepError(f"executor.slurm: unknown key '{unknown[0]}' (valid keys: {', '.join(keys)}; "
+                         "other sbatch options go under executor.slurm.sbatch)")
+    values = dict(tree)
+    for key in ("gpus_per_run", "nodes", "cpus_per_gpu", "retries", "signal_seconds"):
+        if values.get(key) is not None:
+            if isinstance(values[key], bool):
+                raise SweepError(f"executor.slurm.{key}: expected an integer, got {values[key]!r}")
+            values[key] = _number(values[key], f"executor.slurm.{key}", int)
+    for key in ("partition", "mem", "account", "qos", "constraint"):
+        if values.get(key) is not None and not isinstance(values[key], (str, int)):
+            raise SweepError(f"executor.slurm.{key}: expected a string, got {values[key]!r}")
+        if values.get(key) is not None:
+            values[key] = str(values[key])
+    if values.get("time") is not None and (isinstance(values["time"], bool)
+                                           or not isinstance(values["time"], (int, str))):
+        raise SweepError(f"executor.slurm.time: expected minutes or D-HH:MM:SS, got {values['time']!r}")
+    if not isinstance(values.get("sbatch", {}), dict):
+        raise SweepError("executor.slurm.sbatch: expected a mapping of sbatch options, e.g. {exclusive: true}")
+    settings = SlurmSettings(**values)
+    for key, low in (("nodes", 1), ("cpus_per_gpu", 1), ("retries", 0), ("signal_seconds", 0), ("gpus_per_run", 0)):
+        value = getattr(settings, key)
+        if value is not None and value < low:
+            raise SweepError(f"executor.slurm.{key}: {value} must be at least {low}")
+    if num_gpus % settings.nodes:
+        raise SweepError(f"executor.slurm.nodes {settings.nodes}: num_gpus {num_gpus} (the processes of a run) "
+                         "must be a multiple of the nodes")
+    per_node = num_gpus // settings.nodes
+    if settings.gpus_per_run not in (None, 0, per_node):
+        raise SweepError(f"executor.slurm.gpus_per_run {settings.gpus_per_run}: a run has num_gpus {num_gpus} "
+                         f"process(es), one GPU each, over {settings.nodes} node(s), so {per_node} per node; set "
+                         f"num_gpus: {settings.gpus_per_run * settings.nodes} to give each run more GPUs")
+    return settings
 
 
 @dataclass
@@ -68,6 +145,7 @@ class SweepSpec:
     evaluate: bool | list = False  # True (every metric) or a list of metric names
     eval_options: dict = field(default_factory=dict)  # copies, tokens: passed to `fasttrain eval` as --copies, --tokens
     pack: int = 1  # runs trained together as one stacked model (1: each run in its own process)
+    slurm: Optional[SlurmSettings] = None  # executor.slurm: submit the jobs to Slurm instead of running them here
 
     def to_dict(self) -> dict:
         return {
@@ -81,6 +159,7 @@ class SweepSpec:
             "evaluate": self.evaluate,
             "eval_options": self.eval_options,
             "pack": self.pack,
+            **({"executor": {"slurm": asdict(self.slurm)}} if self.slurm else {}),
         }
 
     def save(self, path: str) -> None:
@@ -242,11 +321,23 @@ def spec_from_dict(tree: dict, source: str = "sweep file") -> SweepSpec:
     if pack < 1:
         raise SweepError(f"pack: {tree.get('pack')!r} must be an integer of at least 1 "
                          "(1 trains each run in its own process)")
+    slurm = None
+    executor = tree.get("executor")
+    if executor is not None:
+        if not isinstance(executor, dict) or set(executor) - {"slurm"}:
+            raise SweepError(f"executor: expected {{slurm: {{...}}}} (Slurm settings), got {executor!r}")
+        if "slurm" in executor:
+            slurm_tree = executor["slurm"] or {}
+            if isinstance(slurm_tree, dict) and slurm_tree.get("gpus_per_run") and "num_gpus" not in tree:
+                # the GPUs asked of Slurm say how many processes a run has
+                num_gpus = _number(slurm_tree["gpus_per_run"], "executor.slurm.gpus_per_run", int) * \
+                    _number(slurm_tree.get("nodes", 1), "executor.slurm.nodes", int)
+            slurm = slurm_settings_from_dict(slurm_tree, num_gpus)
     return SweepSpec(base=base, sizes=_unique(sizes), repeated_fractions=_unique(repeated),
                      repeat_counts=_unique(counts), placements=_unique(placements), seeds=_unique(seeds),
                      budget=budget, per_size={str(k): v for k, v in per_size.items()},
                      out_dir=str(tree.get("out_dir") or "sweeps/default"), num_gpus=num_gpus, evaluate=evaluate,
-                     eval_options=eval_options, pack=pack)
+                     eval_options=eval_options, pack=pack, slurm=slurm)
 
 
 def _unique(items: list) -> list:

@@ -26,7 +26,7 @@ from fasttrain.checkpoint.files import read_json, write_json_atomic
 from fasttrain.ladder import PRESETS, non_embedding_params
 from fasttrain.sweep.fit import FitError, ScalingFit, effective_size, fit_scaling_law
 from fasttrain.sweep.grid import SweepError, format_number
-from fasttrain.sweep.runner import MANIFEST
+from fasttrain.sweep.manifest import MANIFEST
 from fasttrain.train.metrics import read_metrics
 
 # Optional evaluation metrics plotted against E: (key in eval results, axis label, file, title)

@@ -166,8 +166,9 @@ def init_weights(cfg: Config, model: GPT) -> None:
     except FileNotFoundError as e:
         raise ConfigError(f"train.init_from: {e}") from None
     m = cfg.model
-    check_weights(ckpt["model"], model, path, f"train.init_from into n_layer={m.n_layer}, d_model={m.d_model}, "
-                  f"context_length={m.context_length}, vocab_size={model.vocab_size}; give a run of this model's shape")
+    check_weights(ckpt["model"], model, path, f"the model (n_layer={m.n_layer}, d_model={m.d_model}, "
+                  f"n_head={m.n_head}, context_length={m.context_length}, vocab_size={model.vocab_size})",
+                  "train.init_from must name a run of this model's shape")
     model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
 
 
