@@ -215,7 +215,7 @@ def test_bad_slurm_settings_get_one_line(slurm_cluster, tmp_path, dataset_dir, m
     # the node has 4 GPUs
     err = error_of({"gpus_per_run": 8}, num_gpus=8, base={
         **sweep_tree(tmp_path, dataset_dir)["base"], "deepspeed": {"zero_stage": 1},
-        "train": {**sweep_tree(tmp_path, dataset_dir)["base"]["train"], "device": "auto"}})
+        "train": {**sweep_tree(tmp_path, dataset_dir)["base"]["train"], "device": "auto", "global_batch": 8}})
     assert ("executor.slurm.gpus_per_run 8: the largest node of the default partition has 4 GPU(s); spread each "
             "run over nodes: nodes: 2, gpus_per_run: 4") in err
     assert slurm_cluster.queue() == {}

