@@ -118,6 +118,17 @@ def test_commands_plain_deepspeed_and_eval(tmp_path):
     assert eval_command([run], True)[3:] == ["eval", run.run_dir, "--json", os.path.join("{run}", "eval.json")]
     with pytest.raises(SweepError, match="not a metric"):
         spec_from_dict(sweep_tree(tmp_path, evaluate=["test", "perplexity"]))
+    # eval_options pass through to `fasttrain eval`
+    spec = spec_from_dict(sweep_tree(tmp_path, evaluate=True, eval_options={"copies": 11, "tokens": "1_000_000"}))
+    assert spec.eval_options == {"copies": 11, "tokens": 1000000}
+    assert spec_from_dict(spec.to_dict()).eval_options == spec.eval_options
+    assert eval_command([run], True, options=spec.eval_options)[-4:] == ["--copies", "11", "--tokens", "1000000"]
+    for options, message in (({"copies": 1}, "eval_options.copies: 1 must be at least 2"),
+                             ({"copy": 3}, "eval_options.copy: unknown option"),
+                             ({"tokens": 2.5}, "eval_options.tokens: expected an integer"),
+                             ([11], "eval_options: expected a mapping")):
+        with pytest.raises(SweepError, match=message):
+            spec_from_dict(sweep_tree(tmp_path, eval_options=options))
 
 
 @pytest.mark.parametrize("scale", [1, 2, 3])

@@ -21,6 +21,8 @@ token budget per size and an output folder:
     num_gpus: 1                         # > 1 (or base deepspeed.zero_stage > 0): runs go through the deepspeed launcher
     evaluate: false                     # true: run `fasttrain eval` after each run (all metrics), or a list
                                         # of metrics, e.g. [test, repeated, copying, induction]
+    eval_options: {copies: 11, tokens: 1.0e6}  # optional: `fasttrain eval --copies --tokens` for that evaluation
+                                        # (default: 11 copies; tokens = the runs' train.eval_tokens)
     pack: 1                             # > 1: train up to this many same-shape runs together as one stacked
                                         # model in one process (small models on a GPU); ignored with deepspeed
     executor:                           # optional: submit each job (a run, or a pack) to Slurm instead of
@@ -43,7 +45,9 @@ import yaml
 from fasttrain.config import Config, ConfigError, config_from_dict
 from fasttrain.ladder import PRESETS, non_embedding_params
 
-SWEEP_KEYS = ("out_dir", "base", "grid", "budget", "per_size", "num_gpus", "evaluate", "pack", "executor")
+SWEEP_KEYS = ("out_dir", "base", "grid", "budget", "per_size", "num_gpus", "evaluate", "eval_options", "pack",
+              "executor")
+EVAL_OPTIONS = {"copies": 2, "tokens": 1}  # options passed to `fasttrain eval`, with their smallest value
 GRID_KEYS = ("sizes", "repeated_fraction", "repeat_count", "placement", "seeds")
 BUDGET_KEYS = ("tokens_per_param", "tokens", "steps")
 
@@ -139,6 +143,7 @@ class SweepSpec:
     out_dir: str = "sweeps/default"
     num_gpus: int = 1
     evaluate: bool | list = False  # True (every metric) or a list of metric names
+    eval_options: dict = field(default_factory=dict)  # copies, tokens: passed to `fasttrain eval` as --copies, --tokens
     pack: int = 1  # runs trained together as one stacked model (1: each run in its own process)
     slurm: Optional[SlurmSettings] = None  # executor.slurm: submit the jobs to Slurm instead of running them here
 
@@ -152,6 +157,7 @@ class SweepSpec:
             "per_size": self.per_size,
             "num_gpus": self.num_gpus,
             "evaluate": self.evaluate,
+            "eval_options": self.eval_options,
             "pack": self.pack,
             **({"executor": {"slurm": asdict(self.slurm)}} if self.slurm else {}),
         }
@@ -301,6 +307,16 @@ def spec_from_dict(tree: dict, source: str = "sweep file") -> SweepSpec:
                              f"(choose from {', '.join(ALL_METRICS)}, or true for all)")
     elif not isinstance(evaluate, bool):
         raise SweepError(f"evaluate: expected true, false or a list of metrics, got {evaluate!r}")
+    eval_options = tree.get("eval_options") or {}
+    if not isinstance(eval_options, dict):
+        raise SweepError(f"eval_options: expected a mapping with {' and/or '.join(EVAL_OPTIONS)}, got {eval_options!r}")
+    for key in eval_options:
+        if key not in EVAL_OPTIONS:
+            raise SweepError(f"eval_options.{key}: unknown option (valid: {', '.join(EVAL_OPTIONS)})")
+    eval_options = {key: _number(value, f"eval_options.{key}", int) for key, value in eval_options.items()}
+    for key, value in eval_options.items():
+        if value < EVAL_OPTIONS[key]:
+            raise SweepError(f"eval_options.{key}: {value} must be at least {EVAL_OPTIONS[key]}")
     pack = _number(tree.get("pack", 1), "pack", int) if not isinstance(tree.get("pack"), bool) else 0
     if pack < 1:
         raise SweepError(f"pack: {tree.get('pack')!r} must be an integer of at least 1 "
@@ -321,7 +337,7 @@ def spec_from_dict(tree: dict, source: str = "sweep file") -> SweepSpec:
                      repeat_counts=_unique(counts), placements=_unique(placements), seeds=_unique(seeds),
                      budget=budget, per_size={str(k): v for k, v in per_size.items()},
                      out_dir=str(tree.get("out_dir") or "sweeps/default"), num_gpus=num_gpus, evaluate=evaluate,
-                     pack=pack, slurm=slurm)
+                     eval_options=eval_options, pack=pack, slurm=slurm)
 
 
 def _unique(items: list) -> list:

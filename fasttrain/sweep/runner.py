@@ -174,13 +174,16 @@ def train_command(pack: list[RunSpec], spec: SweepSpec, python: str = sys.execut
     return [python, "-m", "fasttrain.cli", *trainer_args(pack)]
 
 
-def eval_command(runs: list[RunSpec], metrics, python: str = sys.executable) -> list[str]:
+def eval_command(runs: list[RunSpec], metrics, python: str = sys.executable,
+                 options: dict | None = None) -> list[str]:
     """The command that evaluates runs into RUN/eval.json: one process for all of them (start-up, CUDA
-    context and kernel autotuning paid once)."""
+    context and kernel autotuning paid once). options: the sweep's eval_options (copies, tokens)."""
     cmd = [python, "-m", "fasttrain.cli", "eval", *(run.run_dir for run in runs),
            "--json", os.path.join("{run}", "eval.json")]
     if isinstance(metrics, list):
         cmd += ["--metrics", ",".join(metrics)]
+    for key, value in (options or {}).items():
+        cmd += [f"--{key}", str(value)]
     return cmd
 
 
@@ -477,7 +480,8 @@ class LocalExecutor:
         trained = is_trained(first, manifest.entry(first.name))  # plan_jobs never mixes trained and untrained
         phases = [] if trained else [_Phase(train_command(runs, spec, self.python, devices), runs, is_eval=False)]
         if spec.evaluate:
-            phases.append(_Phase(eval_command(runs, spec.evaluate, self.python), runs, is_eval=True))
+            command = eval_command(runs, spec.evaluate, self.python, spec.eval_options)
+            phases.append(_Phase(command, runs, is_eval=True))
         job = _Job(runs, phases, devices=devices, started=time.time())
         if devices:
             for run in runs:

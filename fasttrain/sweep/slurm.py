@@ -194,7 +194,7 @@ def job_payload(job: list[RunSpec], spec: SweepSpec, python: str) -> dict:
     return {
         "run_dirs": [run.run_dir for run in job],
         "train": None if trained else [python, "-m", "fasttrain.cli", *trainer_args(job)],
-        "evaluate": eval_command(job, spec.evaluate, python) if spec.evaluate else None,
+        "evaluate": eval_command(job, spec.evaluate, python, spec.eval_options) if spec.evaluate else None,
     }
 
 

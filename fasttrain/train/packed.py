@@ -38,7 +38,8 @@ from fasttrain.config import Config, ConfigError, launch_world_size
 from fasttrain.device import autocast, compiled
 from fasttrain.kernels.cross_entropy import check_targets, launch_cross_entropy, register_op
 from fasttrain.measure.loss import heldout_record, heldout_window_ids, loss_record, predicted_bytes
-from fasttrain.measure.windows import read_windows
+from fasttrain.measure.stats import mean_and_stderr
+from fasttrain.measure.windows import read_windows, window_documents
 from fasttrain.model import GPT, causal_attention, resolve_attention
 from fasttrain.optim import load_optimizer_state, make_optimizer, optimizer_state
 from fasttrain.train.engine import Engine, GraphedStep, loss_split, split_sums, train_step
@@ -282,18 +283,24 @@ def packed_heldout_loss(packed: PackedGPT, dataset, seq_len: int, max_tokens: in
                         amp_dtype=None) -> list[dict]:
     """fasttrain.measure.loss.heldout_loss of each model of the pack, for runs that share the dataset: the same
     test windows go through the stacked model once, instead of once per run."""
-    windows = read_windows(dataset, "test", heldout_window_ids(dataset, seq_len, max_tokens), seq_len)
+    window_ids = heldout_window_ids(dataset, seq_len, max_tokens)
+    windows = read_windows(dataset, "test", window_ids, seq_len)
     tokens = torch.from_numpy(windows)
     nats = torch.zeros(packed.num_models, dtype=torch.float64, device=device)
+    window_losses = []  # (K, windows in the batch): each window's mean loss, for the standard error
     packed.eval()
     for start in range(0, len(tokens), max(1, batch_size)):
         chunk = tokens[start:start + batch_size].to(device)
         batch = chunk.expand(packed.num_models, *chunk.shape)  # every model reads the same windows
         with autocast(device, amp_dtype):
-            mean_losses = packed(batch[..., :-1], batch[..., 1:])
+            mean_losses, token_losses = packed(batch[..., :-1], batch[..., 1:], return_token_losses=True)
         nats += mean_losses.double() * chunk[:, 1:].numel()
+        window_losses.append(token_losses.double().mean(dim=-1))
     n_tokens, n_bytes = windows.shape[0] * seq_len, predicted_bytes(dataset, windows)
-    return [heldout_record(loss_record(total, n_tokens, n_bytes)) for total in nats.tolist()]
+    per_window = torch.cat(window_losses, dim=1).cpu().numpy()
+    documents = window_documents(dataset, "test", window_ids, seq_len)
+    return [heldout_record(loss_record(total, n_tokens, n_bytes, mean_and_stderr(per_window[k], documents)[1]))
+            for k, total in enumerate(nats.tolist())]
 
 
 # ---- optimizer and step ------------------------------------------------------------------------------

@@ -197,7 +197,8 @@ class Measure:
                 out.update(repeated_subset_loss(model, dataset, self.streams[k].schedule, T, t.eval_tokens,
                                                 t.micro_batch, self.device, trained_sequences=self.step * t.global_batch))
         if "induction" in metrics and T >= 101:  # fp32 attention patterns; shorter contexts cannot hold one
-            out.update(induction_scores(model, dataset, device=self.device))
+            out.update(induction_scores(model, dataset, device=self.device, tokens=t.eval_tokens,
+                                        batch_size=t.micro_batch))
         return out
 
 
