@@ -69,7 +69,7 @@ def test_fixed_and_per_size_budgets_and_overrides(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"grid": {"sizes": ["7m"]}}, "unknown preset '7m'"),
     ({"grid": {"sizes": ["100k"], "repeat_count": [1]}}, "at least 2"),
-    ({"grid": {"sizes": ["100k"], "repeated_fraction": [1.5]}}, r"must be in \[0, 1\)"),
+    ({"grid": {"sizes": ["100k"], "repeated_fraction": [1.5]}}, r"must be in \[0, 1\]"),
     ({"grid": {"sizes": ["100k"], "color": [1]}}, "unknown axis"),
     ({"budget": {"tokens": 1e6, "steps": 3}}, "exactly one of"),
     ({"budget": {"tokens": {"100k": 1e6}}}, "no value for size 340k"),

@@ -12,7 +12,8 @@ Sweep folder:
 
 Each run is `python -m fasttrain.cli train --config RUN/config.yaml --resume` (under `deepspeed --num_gpus N`
 when the sweep asks for several GPUs or ZeRO), so a run killed with the sweep continues from its newest
-checkpoint next time and a finished run is never trained again. With `pack: K` (or --pack K), up to K runs
+checkpoint next time and a finished run is never trained again. Fine-tune runs (a sweep's finetune stage)
+start once every pretraining job has ended, each from its source run's weights, one run per process. With `pack: K` (or --pack K), up to K runs
 that differ only in what packed training allows (f, E, placement, seeds) and stopped at the same checkpoint
 step train as one job: `train --config A/config.yaml --config B/config.yaml ... --resume`, one stacked model
 on one device, then `eval A B ...`, one process for the pack's evaluations. A run that trains alone is a
@@ -409,17 +410,30 @@ def run_sweep(spec: SweepSpec, out_dir: Optional[str] = None, jobs: int = 1, pro
                     entry["state"] = "interrupted"
                 todo.append(run)
         manifest.save()
-        _execute(spec, plan_jobs(todo, manifest.runs, pack), manifest, result, jobs, progress, python, on_run_done)
+        pretrain = [run for run in todo if not run.source]
+        _execute(spec, plan_jobs(pretrain, manifest.runs, pack), manifest, result, jobs, progress, python,
+                 on_run_done)
+        # fine-tune runs start from their source's final weights: only once that run is done; one per process
+        finished = set(result.done) | set(result.skipped)
+        ready = [run for run in todo if run.source and run.source in finished]
+        for run in todo:
+            if run.source and run.source not in finished:
+                manifest.entry(run.name).update(state="pending", error=f"its source run {run.source} is not done")
+                result.failed.append(run.name)
+        manifest.save()
+        if ready:
+            _execute(spec, plan_jobs(ready, manifest.runs, 1), manifest, result, jobs, progress, python, on_run_done,
+                     first=False)
     return result
 
 
-def _execute(spec, packs, manifest, result, jobs, progress_enabled, python, on_run_done) -> None:
+def _execute(spec, packs, manifest, result, jobs, progress_enabled, python, on_run_done, first=True) -> None:
     total_steps = sum(r.config.train.steps for r in result.runs)
     done_steps = sum(r.config.train.steps for r in result.runs if r.name in result.skipped)
     progress = Progress(len(result.runs), total_steps, done_steps, enabled=progress_enabled)
     index = {r.name: i + 1 for i, r in enumerate(result.runs)}
     width = len(str(len(result.runs)))
-    if result.skipped:
+    if result.skipped and first:
         progress.line(f"{len(result.skipped)} of {len(result.runs)} runs already done; "
                       f"{sum(map(len, packs))} to run")
     # with several at once, the costliest packs start first so that the last ones finish close together
