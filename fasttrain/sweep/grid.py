@@ -357,6 +357,8 @@ def expand(spec: SweepSpec, out_dir: Optional[str] = None) -> list[RunSpec]:
     """Every run of the grid (baselines included), ordered by size, seed, then baselines first; then, with
     a finetune stage, one fine-tune run per run in the same order."""
     sweep_dir = os.path.abspath(out_dir or spec.out_dir)
+    if spec.finetune:
+        _check_finetune(spec.finetune)
     runs = []
     for size, seed in itertools.product(spec.sizes, spec.seeds):
         combos = [(0.0, 1, "uniform")] + list(itertools.product(spec.repeated_fractions, spec.repeat_counts, spec.placements))
