@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from fasttrain.sweep.grid import SweepError, expand, load_sweep, run_name, spec_from_dict
+from fasttrain.sweep.plan import budget_note
 from fasttrain.sweep.runner import config_differences, eval_command, prepare_run_folder, train_command
 
 
@@ -163,9 +164,13 @@ def test_default_budget_gives_every_size_the_same_tokens(tmp_path):
     runs = expand(spec_from_dict(tree))
     largest = 335_712  # 340k, non-embedding
     assert {r.tokens for r in runs} == {round(20 * largest / (8 * 64)) * 8 * 64}
-    # per-size budgets stay possible, and say what they are
+    assert budget_note(runs) == ""
+    # per-size budgets stay possible; the dry run warns that they confound N with D
     tree["budget"] = {"tokens_per_param": 20}
-    assert len({r.tokens for r in expand(spec_from_dict(tree))}) == 2
+    runs = expand(spec_from_dict(tree))
+    assert len({r.tokens for r in runs}) == 2
+    assert budget_note(runs).startswith("note: the baselines train on different token budgets D (100k 2")
+    assert "the report's effective sizes need the same D for every size" in budget_note(runs)
 
 
 def test_whole_budget_repetition_is_a_repeated_fraction_of_one(tmp_path):
@@ -222,3 +227,16 @@ def test_finetune_stage_adds_a_run_per_run_that_starts_from_it(tmp_path):
         assert (c.model.n_layer, c.model.d_model) == (src.config.model.n_layer, src.config.model.d_model)
         assert (ft.repeated_fraction, ft.repeat_count) == (src.repeated_fraction, src.repeat_count)
         assert ft.axes()["source"] == src.name
+
+
+@pytest.mark.skipif(not has_init_from(), reason="needs train.init_from in the run config")
+def test_demo_finetune_sweep_file_matches_the_demo_with_its_finetune_stage(tmp_path, monkeypatch):
+    from fasttrain.sweep.demo import demo_spec
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.chdir(tmp_path)  # the file's paths are relative: demo/data, demo/data_finetune
+    from_file = expand(load_sweep(os.path.join(root, "configs", "demo_finetune_sweep.yaml")))
+    from_demo = expand(demo_spec(str(tmp_path / "demo"), 1, finetune=True))
+    assert [r.name for r in from_file] == [r.name for r in from_demo] and len(from_file) == 30
+    for a, b in zip(from_file, from_demo):
+        assert a.config.to_dict() == b.config.to_dict(), a.name

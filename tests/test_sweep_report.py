@@ -328,3 +328,38 @@ def test_real_tiny_sweep_through_the_command_line(tmp_path, dataset_dir, capsys)
     runs = {r.name: r for r in analyze(str(tmp_path / "sweep"), bootstrap=0).runs}
     assert [e["step"] for e in runs["340k_f0_s0"].eval_curve] == [10, 20, 30]
     assert all(r.baseline_loss is not None for r in runs.values() if not r.is_baseline)
+
+
+def _has_init_from() -> bool:
+    import dataclasses
+
+    from fasttrain.config import TrainConfig
+
+    return "init_from" in {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+@pytest.mark.skipif(not _has_init_from(), reason="needs train.init_from in the run config")
+def test_real_finetune_stage_runs_after_its_sources(tmp_path, dataset_dir):
+    tree = {
+        "out_dir": str(tmp_path / "sweep"),
+        "base": {"model": {"context_length": 32}, "data": {"path": dataset_dir, "seq_len": 32},
+                 "optim": {"lr": 3e-3, "warmup_steps": 2},
+                 "train": {"global_batch": 4, "log_every": 5, "eval_tokens": 256, "device": "cpu"}},
+        "grid": {"sizes": ["100k"], "repeated_fraction": [0.5], "repeat_count": [4]},
+        "budget": {"steps": 20},
+        "pack": 2,
+        "finetune": {"data": {"path": dataset_dir, "seed": 99}, "budget": {"steps": 10},
+                     "optim": {"warmup_steps": 1}},
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    assert sweep_main(["sweep", str(path), "--quiet"]) == 0
+    entries = json.load(open(tmp_path / "sweep" / "manifest.json"))["runs"]
+    for source in ("100k_f0_s0", "100k_f0.5_E4_uniform_s0"):
+        ft = entries[source + "_ft"]
+        assert ft["state"] == "done" and ft["started"] >= entries[source]["finished"]
+        assert ft["pack"] == [source + "_ft"]  # fine-tunes train one per process
+    report = analyze(str(tmp_path / "sweep"), bootstrap=0)
+    ft = next(r for r in report.runs if r.name == "100k_f0.5_E4_uniform_s0_ft")
+    assert (ft.stage, ft.source, ft.repeat_count, ft.tokens) == ("finetune", "100k_f0.5_E4_uniform_s0", 4, 10 * 4 * 32)
+    assert ft.baseline_loss == next(r.test_loss for r in report.runs if r.name == "100k_f0_s0_ft")

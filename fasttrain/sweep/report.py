@@ -29,8 +29,8 @@ import numpy as np
 import yaml
 
 from fasttrain.ladder import PRESETS, non_embedding_params
-from fasttrain.sweep.fit import (Band, EdgeFit, EffectiveSize, FitError, effective_size, fit_baselines, fit_edges,
-                                 poor_performance_band, same_tokens)
+from fasttrain.sweep.fit import (FitError, effective_size, fit_baselines, fit_edges, poor_performance_band,
+                                 same_tokens)
 from fasttrain.sweep.grid import SweepError, format_number
 from fasttrain.sweep.runner import MANIFEST, read_json
 from fasttrain.train.metrics import read_metrics, write_json_atomic
@@ -787,6 +787,19 @@ def _cell_values(report: SweepReport, stage: str, params: int, f: float, placeme
     return out
 
 
+def _log_y(ax) -> None:
+    """A log y axis labelled with plain numbers (0.5, 2, 300), not powers of ten."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+
+    def minor(v, _):  # minor ticks labelled only on a narrow axis, where majors are few
+        lo, hi = ax.get_ylim()
+        return f"{v:g}" if lo > 0 and hi / lo < 30 else ""
+    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
+
+
 def _legend(ax, **style) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(**style)
@@ -859,7 +872,7 @@ def _plot_vs_repeats(report: SweepReport, value, ylabel: str, title: str, path: 
                          and r.placement == placement})
         _repeat_axis(plt, ax, counts)
         if logy:
-            ax.set_yscale("log")
+            _log_y(ax)
         ax.set_ylabel(ylabel)
         ax.set_title(f"{title}\nf = {format_number(f)}, {placement}" + (" (dashed: f = 0 baseline)" if baseline_value else ""),
                      fontsize=10)
@@ -903,7 +916,7 @@ def _plot_effective_sizes(report: SweepReport, path: str) -> bool:
             ax.axhline(1.0, color="gray", linestyle=":", linewidth=1)
             counts = sorted({r.repeat_count for r in report.repeated if r.repeated_fraction == f and r.placement == placement})
             _repeat_axis(plt, ax, counts)
-            ax.set_yscale("log")
+            _log_y(ax)
             ax.set_ylabel("effective size N_eff / N")
             name = "test loss" if metric == "test" else copy
             ax.set_title(f"Effective size on {name}\nf = {format_number(f)}, {placement} "
@@ -1001,7 +1014,7 @@ def _plot_band(report: SweepReport, path: str) -> bool:
             if np.any((paper > lo_E / 3) & (paper < hi_E * 3)):  # drawn where it falls inside the plot
                 ax.plot(span, paper, marker, color="gray", linewidth=0.8, label=f"paper's {side} edge (f = 0.1)")
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        _log_y(ax)
         ax.set_xlabel("non-embedding parameters N")
         ax.set_ylabel("repeat count E")
         ax.set_ylim(lo_E / 3, hi_E * 3)
@@ -1029,7 +1042,7 @@ def _plot_fraction_axis(report: SweepReport, path: str) -> bool:
                       [p.fraction["test"][1] for p in pts], marker="o", linestyle="-", color=colors[n], label=labels[n])
     ax.axhline(1.0, color="gray", linestyle=":", linewidth=1)
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    _log_y(ax)
     ax.set_xlabel("repeated fraction f")
     ax.set_ylabel("effective size N_eff / N at the worst E")
     ax.set_title("Cost of repetition vs f (worst E of each size and f)")
@@ -1071,7 +1084,6 @@ def _run_label(r: RunRecord) -> str:
 
 def _plot_curves(report: SweepReport, path: str) -> bool:
     plt = _pyplot()
-    runs = report.stage_runs("pretrain") or [r for r in report.runs if r.stage == "pretrain"]
     runs = [r for r in report.runs if r.stage == "pretrain" and r.curve]
     sizes = sorted({r.params for r in runs})
     if not sizes:
@@ -1197,7 +1209,7 @@ def _plot_finetune(report: SweepReport, path: str) -> bool:
         ax.axhline(1.0, color="gray", linestyle=":", linewidth=1)
         counts = sorted({r.repeat_count for r in report.repeated if r.repeated_fraction == f and r.placement == placement})
         _repeat_axis(plt, ax, counts)
-        ax.set_yscale("log")
+        _log_y(ax)
         ax.set_ylabel("effective size N_eff / N (test loss)")
         ax.set_title(f"Before (dotted) and after (solid) fine-tuning\nf = {format_number(f)}, {placement}", fontsize=10)
         _legend(ax, fontsize=7)
