@@ -242,6 +242,8 @@ def test_differences_within_two_standard_errors_are_not_ranked(tmp_path):
                                "(largest: E = 64, +0.0100 ± 0.0141)") for line in lines)
     assert any(line.startswith("  900k, f = 0.1: worst E = 64, test loss +0.1000 ± 0.0141 over the baseline")
                for line in lines)
+    band = next(line for line in lines if line.startswith("Poor-performance band"))
+    assert "100k none (largest damage within 2 standard errors)" in band and "900k E 14.9 to open (peak 64)" in band
     text = open(page).read()
     assert text.count("(within 2 SE)") == 5
     assert "| 900k | 0.1 | uniform | 64 | +0.1000 ± 0.0141 | yes |" in text

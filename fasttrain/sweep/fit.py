@@ -630,8 +630,15 @@ class Band:
     left_log_stderr: Optional[float] = None  # standard error of ln(left edge)
     right_log_stderr: Optional[float] = None
 
+    @property
+    def significant(self) -> Optional[bool]:
+        """Whether the largest damage is beyond 2 standard errors (None: its error is unknown)."""
+        if self.max_damage_stderr is None:
+            return None
+        return self.max_damage > 2 * self.max_damage_stderr
+
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {**self.__dict__, "significant": self.significant}
 
 
 def _band_edges(E: np.ndarray, damage: np.ndarray):

@@ -526,9 +526,9 @@ def _bands(report: SweepReport, predict_size: Optional[str]) -> None:
             if band is not None:
                 bands[params] = band
         report.bands[key] = bands
-        for side in ("left", "right"):
+        for side in ("left", "right"):  # bands whose peak damage is within 2 standard errors are noise
             closed = [(n, getattr(b, side), getattr(b, f"{side}_log_stderr")) for n, b in bands.items()
-                      if getattr(b, side) is not None]
+                      if getattr(b, side) is not None and b.significant is not False]
             try:
                 report.edge_fits[key + (side,)] = fit_edges([c[0] for c in closed], [c[1] for c in closed],
                                                             [c[2] for c in closed])
@@ -683,6 +683,8 @@ def _band_lines(report: SweepReport) -> list[str]:
         group = _group_label(key[0], key[1], several)
         lines.append(f"Poor-performance band ({group}; E where the damage is at least half its maximum): "
                      + ", ".join(f"{labels[n]} E {_fmt_E(b.left)} to {_fmt_E(b.right)} (peak {b.peak:g})"
+                                 if b.significant is not False else
+                                 f"{labels[n]} none (largest damage within {SIGNIFICANT:g} standard errors)"
                                  for n, b in sorted(bands.items())))
         edges = []
         for side in ("left", "right"):
@@ -986,6 +988,9 @@ def _plot_band(report: SweepReport, path: str) -> bool:
         sizes = sorted(bands)
         for n in sizes:
             b = bands[n]
+            if b.significant is False:  # the damage is within its noise: no band to draw
+                ax.plot([n], [b.peak], "x", color="gray")
+                continue
             left, right = b.left or lo_E, b.right or hi_E
             ax.plot([n, n], [left, right], color="tab:red", linewidth=6, alpha=0.35, solid_capstyle="butt")
             ax.plot([n], [b.peak], "kx")
@@ -1332,8 +1337,9 @@ def _band_table(report: SweepReport) -> list[str]:
 
     lines = ["| f | placement | size | N | peak E | max damage | left edge E | right edge E |", "|---|---|---|---|---|---|---|---|"]
     for (f, placement), n, b in rows:
+        noise = " (within 2 SE: no band)" if b.significant is False else ""
         lines.append(f"| {format_number(f)} | {placement} | {labels[n]} | {n:,} | {b.peak:g} | "
-                     f"{_pm(b.max_damage, b.max_damage_stderr)} | {edge(b.left, b.left_log_stderr)} | "
+                     f"{_pm(b.max_damage, b.max_damage_stderr)}{noise} | {edge(b.left, b.left_log_stderr)} | "
                      f"{edge(b.right, b.right_log_stderr)} |")
     lines += ["", "Edges fitted across sizes, E = k N^a (errors: 1 standard error; k's as a factor):", "",
               "| f | placement | edge | k | a | sizes | predicted E at " + (report.predict_label or "-") + " |",
