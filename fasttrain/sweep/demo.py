@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from fasttrain.ladder import PRESETS
-from fasttrain.sweep.grid import SweepSpec
+from fasttrain.sweep.grid import SweepSpec, expand
 from fasttrain.sweep.runner import read_json, run_sweep
 
 DEMO_VOCAB = 4096
@@ -178,6 +178,7 @@ def run_demo(out_dir: str = "demo", scale: int = 1, jobs: Optional[int] = None,
     os.makedirs(out_dir, exist_ok=True)
     s = demo_scale(scale)
     spec = demo_spec(out_dir, scale, finetune=finetune)
+    expand(spec)  # every run's config checked before anything is prepared
     n_runs = len(spec.sizes) * (1 + len(spec.repeat_counts))
     stage = (f", then each fine-tuned on {spec.finetune['budget']['tokens'] / 1e6:g}M tokens of unseen text"
              if spec.finetune else "")
