@@ -1344,6 +1344,7 @@ def _band_table(report: SweepReport) -> list[str]:
     lines += ["", "Edges fitted across sizes, E = k N^a (errors: 1 standard error; k's as a factor):", "",
               "| f | placement | edge | k | a | sizes | predicted E at " + (report.predict_label or "-") + " |",
               "|---|---|---|---|---|---|---|"]
+    notes = []
     for key in sorted(report.bands):
         for side in ("left", "right"):
             fit = report.edge_fits.get(key + (side,))
@@ -1358,7 +1359,11 @@ def _band_table(report: SweepReport) -> list[str]:
                 value, lse = fit.predict(report.predict_params)
                 pred = f"{value:.3g}" + (f" (x/÷ {math.exp(lse):.2f})" if lse is not None else "")
             lines.append(f"| {format_number(key[0])} | {key[1]} | {side} | {fit.k:.3g}{k_se} | {fit.a:.3f}{a_se} | "
-                         f"{fit.n_sizes} | {pred} |" + (f" {fit.note}" if fit.note else ""))
+                         f"{fit.n_sizes} | {pred} |")
+            if fit.note:
+                notes.append(f"{side} edge (f = {format_number(key[0])}, {key[1]}): {fit.note}.")
+    if notes:
+        lines += [""] + notes
     k_l, a_l = PAPER_EDGES["left"]
     k_r, a_r = PAPER_EDGES["right"]
     lines += ["", f"The paper (f = 0.1, 1.5M-800M parameters): left edge k = {k_l:.2g}, a = {a_l}; right edge "
