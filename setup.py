@@ -26,8 +26,11 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2", "transformers>=4.40"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "transformers>=4.40", "submitit>=1.5", "pyarrow>=14",
+                 "zstandard>=0.22"],
+        "formats": ["pyarrow>=14", "zstandard>=0.22"],  # prepare --input *.parquet, *.jsonl.zst
         "flash": ["flash-attn>=2.6"],
+        "slurm": ["submitit>=1.5"],
         "hf": ["transformers>=4.40"],
     },
     entry_points={"console_scripts": ["fasttrain=fasttrain.cli:main"]},

@@ -49,13 +49,10 @@ from benchmarks.common import (  # noqa: E402
 from fasttrain.config import COMPILE_MODES as TRAIN_COMPILE_MODES, config_from_dict  # noqa: E402
 from fasttrain.ladder import PRESETS  # noqa: E402
 from fasttrain.model import GPT  # noqa: E402
-from fasttrain.train.device import compiled, measured_matmul_flops, peak_flops  # noqa: E402
-from fasttrain.train.packed import (  # noqa: E402
-    PackedGPT,
-    clip_grad_norm_per_model,
-    make_packed_optimizer,
-)
-from fasttrain.train.trainer import build_model, make_optimizer, train_step  # noqa: E402
+from fasttrain.device import compiled, measured_matmul_flops, peak_flops  # noqa: E402
+from fasttrain.optim import make_optimizer  # noqa: E402
+from fasttrain.train.engine import build_model, train_step  # noqa: E402
+from fasttrain.train.packed import PackedGPT, clip_grad_norm_per_model  # noqa: E402
 
 COMPILE_MODES = ("off",) + TRAIN_COMPILE_MODES
 ROW_KEY = ("part", "preset", "impl", "attention", "loss", "compile", "K", "batch", "seq_len", "vocab_size")
@@ -129,7 +126,8 @@ def single_step(impl, preset, attention, loss, batch, micro, seq_len, vocab, mod
     tokens = torch.randint(0, vocab, (batch, seq_len + 1), device=device)
 
     def step():  # the trainer's own step; the plain GPT goes through it too (AdamW, clipping, accumulation)
-        train_step(model, optimizer, tokens, micro, cfg.optim.lr, cfg.optim.grad_clip, amp, step_model)
+        train_step(model, optimizer, tokens, micro, cfg.optim.lr, cfg.optim.grad_clip, amp, step_model,
+                   per_sequence=impl == "fasttrain")
 
     return step
 
@@ -140,7 +138,7 @@ def packed_step(preset, attention, loss, K, batch, micro, seq_len, vocab, mode, 
     model = build_model(cfg, vocab)  # every slot starts from the same weights: the timing does not care
     packed = PackedGPT.from_models([model] * K, device=device)
     del model
-    optimizer = make_packed_optimizer(packed, cfg, device)
+    optimizer = make_optimizer(packed, cfg, device, model_dims=1)
     step_model = compiled(packed, mode)
     clip_fn = compiled(clip_grad_norm_per_model, mode)
     tokens = torch.randint(0, vocab, (K, batch, seq_len + 1), device=device)

@@ -58,9 +58,10 @@ def measure(preset: str, stage: int, micro: int, seq_len: int | None, steps: int
     import deepspeed
 
     from fasttrain.config import config_from_dict
-    from fasttrain.train.device import autocast_dtype, peak_flops
+    from fasttrain.device import autocast_dtype, peak_flops
+    from fasttrain.optim import make_optimizer
     from fasttrain.train.distributed import deepspeed_config
-    from fasttrain.train.trainer import build_model, make_optimizer
+    from fasttrain.train.engine import build_model
 
     cfg = config_from_dict({
         "model": {"preset": preset, "vocab_size": vocab_size},
@@ -123,13 +124,13 @@ def measure(preset: str, stage: int, micro: int, seq_len: int | None, steps: int
 
 def worker(args) -> None:
     """One ZeRO stage over the presets, smallest first; rank 0 appends rows (JSON lines) to args.out."""
-    from fasttrain.train.distributed import _init_distributed
+    from fasttrain.train.distributed import init_distributed
 
     if args.cpu:  # one CPU process: DeepSpeed's shared-memory all-reduce is idle; skip its 45 s C++ build
         import deepspeed.comm.torch  # noqa: F401
 
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-    device = _init_distributed("cpu" if args.cpu else "auto")
+    device = init_distributed("cpu" if args.cpu else "auto")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     for preset in args.presets.split(","):
         row = measure(preset, args.stage, args.micro_batch, args.seq_len, args.steps, args.warmup, args.vocab_size,

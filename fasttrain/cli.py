@@ -4,17 +4,22 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 
 import torch
 
+from fasttrain.config import load_config
+from fasttrain.data.cli import register as register_data
+from fasttrain.data.corpus import CorpusNotInstalled
+from fasttrain.eval.cli import register as register_eval
+from fasttrain.ladder import PRESETS
+from fasttrain.model import GPT
+from fasttrain.sweep.cli import register as register_sweep
+from fasttrain.train import REQUEUE_EXIT_CODE, StopRequested, train
+
 
 def cmd_models(args) -> None:
     """Print the ladder with parameter counts computed from the real module (built on the meta device)."""
-    from fasttrain.ladder import PRESETS
-    from fasttrain.model import GPT
-
     rows = []
     for p in PRESETS.values():
         with torch.device("meta"):
@@ -36,48 +41,23 @@ def cmd_models(args) -> None:
 
 
 def cmd_train(args, overrides) -> None:
-    from fasttrain.config import load_config
-    from fasttrain.train.trainer import train
-
-    if args.config and len(args.config) > 1:  # several same-shape runs trained together on one device
-        from fasttrain.config import ConfigError
-        from fasttrain.train.packed import train_packed
-
-        if is_distributed_launch():
-            raise ConfigError("several --config: packed training runs in one process on one device; start it "
-                              "with `fasttrain train`, not under deepspeed or torchrun")
-
-        summaries = train_packed([load_config(path, overrides) for path in args.config], resume=args.resume)
-        print(json.dumps(summaries))
-        return
-    cfg = load_config(args.config[0] if args.config else None, overrides)
-    if is_distributed_launch() or cfg.deepspeed.zero_stage > 0:
-        from fasttrain.train.distributed import train_distributed
-
-        summary = train_distributed(cfg, resume=args.resume)
+    """One config: one run (DeepSpeed under a launcher or with ZeRO); several: same-shape runs as one pack."""
+    paths = args.config or [None]
+    cfgs = [load_config(path, overrides) for path in paths]
+    try:
+        summary = train(cfgs[0] if len(cfgs) == 1 else cfgs, resume=args.resume)
+    finally:
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         if torch.distributed.is_initialized():
-            rank = torch.distributed.get_rank()
             # Free what the run left (engine, buffers of finished gloo work) while the process group is
             # alive: gloo state torn down at interpreter exit can abort the process.
             gc.collect()
             torch.distributed.destroy_process_group()
-            if rank != 0:
-                return
-    else:
-        summary = train(cfg, resume=args.resume)
-    print(json.dumps(summary))
-
-
-def is_distributed_launch() -> bool:
-    """Started by the deepspeed launcher or torchrun with more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if rank == 0:
+        print(json.dumps(summary))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fasttrain.data.cli import register as register_data
-    from fasttrain.eval.cli import register as register_eval
-    from fasttrain.sweep.cli import register as register_sweep
-
     parser = argparse.ArgumentParser(
         prog="fasttrain",
         description="Train families of GPT models on data with exactly controlled repetition.",
@@ -105,11 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_errors() -> tuple:
-    from fasttrain.config import ConfigError
-    from fasttrain.data.corpus import CorpusNotInstalled
-
-    return (ConfigError, CorpusNotInstalled, ValueError, FileNotFoundError, FileExistsError)
+# ConfigError, CheckpointError and the data errors are ValueErrors
+USER_ERRORS = (CorpusNotInstalled, ValueError, FileNotFoundError, FileExistsError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,9 +104,12 @@ def main(argv: list[str] | None = None) -> int:
               "batch), pack fewer runs (fewer --config, or a smaller sweep --pack), use a smaller model.preset, "
               "or model.loss=triton", file=sys.stderr)
         return 2
-    except _user_errors() as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StopRequested as e:
+        print(f"stopped by {e}", file=sys.stderr)
+        return REQUEUE_EXIT_CODE
     except KeyboardInterrupt:
         print("interrupted: the last complete checkpoint is kept; continue with --resume", file=sys.stderr)
         return 130

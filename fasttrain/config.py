@@ -7,7 +7,10 @@ A config file mirrors the dataclasses below:
     optim: {lr: 1.0e-3}
     train: {steps: 2000, global_batch: 32}
 
-Every problem (unknown key, wrong type, impossible value) is a ConfigError whose message names the key.
+Every problem (unknown key, wrong type, a choice not in its Literal, an impossible value) is a ConfigError
+whose message names the key. Validation also resolves the derived defaults once, so that nothing downstream
+re-derives them: the model preset into n_layer/d_model/n_head/context_length, data.seq_len (default: the
+context length) and train.micro_batch (default: the whole per-process batch, global_batch / world size).
 """
 from __future__ import annotations
 
@@ -16,12 +19,15 @@ import json
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
+from fasttrain.ladder import PRESETS
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+COMPILE_MODES = typing.get_args(CompileMode)
+EvalMetric = Literal["test", "repeated", "induction"]
 
 
 class ConfigError(ValueError):
@@ -30,67 +36,97 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    preset: Optional[str] = None  # a name from `fasttrain models`; explicit fields below override it
+    preset: Optional[str] = None
+    """A name from `fasttrain models`; the explicit sizes below override it."""
     n_layer: Optional[int] = None
     d_model: Optional[int] = None
     n_head: Optional[int] = None
     context_length: Optional[int] = None
-    vocab_size: Optional[int] = None  # None: taken from the dataset's tokenizer
+    vocab_size: Optional[int] = None
+    """None: the dataset tokenizer's vocabulary."""
     dropout: float = 0.0
-    attention: str = "torch"  # torch (SDPA) | triton (fasttrain.kernels) | flash (flash-attn)
-    loss: str = "torch"  # torch (matmul + F.cross_entropy) | triton (fused linear cross-entropy)
+    attention: Literal["torch", "triton", "flash"] = "torch"
+    """torch: PyTorch SDPA; triton: fasttrain.kernels.flash_attention; flash: the flash-attn package."""
+    loss: Literal["torch", "triton"] = "torch"
+    """torch: matmul + F.cross_entropy; triton: fused linear cross-entropy (the logits never exist)."""
     init_std: float = 0.02
 
 
 @dataclass
 class DataConfig:
-    path: str = ""  # a folder written by `fasttrain prepare`
-    seq_len: Optional[int] = None  # None: the model's context length
-    repeated_fraction: float = 0.0  # f: fraction of training tokens drawn from the repeated subset
-    repeat_count: int = 1  # E: how many times each repeated sequence is seen
-    placement: str = "uniform"  # uniform: repeats spread at random | even: pass k in the k-th 1/E of training
-    seed: int = 1234  # data order seed (independent of the model init seed)
+    path: str = ""
+    """A dataset folder written by `fasttrain prepare`."""
+    seq_len: Optional[int] = None
+    """Tokens per training sequence; None: the model's context length."""
+    repeated_fraction: float = 0.0
+    """f: the fraction of training sequences drawn from the repeated subset."""
+    repeat_count: int = 1
+    """E: how many times each repeated sequence is seen."""
+    placement: Literal["uniform", "even"] = "uniform"
+    """uniform: repeats spread at random through training; even: pass k in the k-th 1/E of training."""
+    seed: int = 1234
+    """Data order seed (independent of the model init seed train.seed)."""
 
 
 @dataclass
 class OptimConfig:
     lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine)
-    schedule: str = "cosine"  # cosine | constant (both after linear warmup)
+    min_lr_ratio: float = 0.1
+    """Final lr = lr * min_lr_ratio (cosine schedule)."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """After linear warmup: cosine decay to lr * min_lr_ratio, or constant."""
     warmup_steps: int = 100
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 disables clipping
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
 
 
 @dataclass
 class TrainConfig:
     steps: int = 1000
-    global_batch: int = 32  # sequences per optimizer step, over all ranks
-    micro_batch: Optional[int] = None  # sequences per forward pass per rank; None: global_batch / world
-    seed: int = 0  # model init seed
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
-    compile: bool = False  # torch.compile the model
-    # torch.compile mode: default | reduce-overhead (CUDA graphs: for small, launch-bound models) |
-    # max-autotune | max-autotune-no-cudagraphs
-    compile_mode: str = "default"
+    global_batch: int = 32
+    """Sequences per optimizer step, over all processes."""
+    micro_batch: Optional[int] = None
+    """Sequences per forward pass per process (gradient accumulation makes up the rest); None: the whole
+    per-process batch, global_batch / world size."""
+    seed: int = 0
+    """Model init seed."""
+    init_from: Optional[str] = None
+    """A run folder (its newest checkpoint) or a checkpoint file: start from its weights, with a fresh
+    optimizer and this config's data (fine-tuning). The shapes must match this model."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 autocast on a GPU, fp32 on a CPU."""
+    compile: bool = False
+    """torch.compile the model."""
+    compile_mode: CompileMode = "default"
+    """reduce-overhead uses CUDA graphs (for small, launch-bound models)."""
     out_dir: str = "runs/default"
     log_every: int = 10
-    checkpoint_every: int = 0  # 0: only at the end
-    checkpoint_log_spaced: bool = False  # also keep checkpoints at steps 1, 2, 4, 8, ... (as Pythia)
-    keep_checkpoints: bool = False  # keep every checkpoint written (else only the latest)
-    eval_every: int = 0  # 0: evaluate only at the end
-    eval_tokens: int = 65536  # held-out tokens per evaluation
+    checkpoint_every: int = 0
+    """0: only at the end."""
+    checkpoint_log_spaced: bool = False
+    """Also keep checkpoints at steps 1, 2, 4, 8, ... (as Pythia does)."""
+    keep_checkpoints: bool = False
+    """Keep every checkpoint written (else only the newest, and the log-spaced ones)."""
+    eval_every: int = 0
+    """Evaluate every this many steps (and at the log-spaced checkpoints); 0: only at the end."""
+    eval_tokens: int = 65536
+    """Predicted tokens per loss metric of an evaluation."""
+    eval_metrics: list[EvalMetric] = field(default_factory=lambda: ["test", "repeated"])
+    """What an evaluation during training measures: test (held-out loss), repeated (loss on the repeated
+    subset; skipped when nothing is repeated), induction (prefix-matching score per head)."""
     tensorboard: bool = False
 
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 0
-    extra: dict = field(default_factory=dict)  # merged into the generated DeepSpeed config
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    extra: dict = field(default_factory=dict)
+    """Merged into the generated DeepSpeed config (keys we generate may not be changed)."""
 
 
 @dataclass
@@ -112,6 +148,23 @@ class Config:
         os.replace(tmp, path)
 
 
+# Keys that may differ between a run folder's config and the one resuming it: where the folder lies now,
+# and how each process splits its batch (which a resume under another world size changes).
+NOT_RUN_IDENTITY = ("train.out_dir", "train.micro_batch")
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """'section.key: old -> new' for every value of two config trees (Config.to_dict()) that makes `new` a
+    different run than `old`."""
+    out = []
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section) or {}, new.get(section) or {}
+        for key in sorted(set(a) | set(b)):
+            if f"{section}.{key}" not in NOT_RUN_IDENTITY and a.get(key) != b.get(key):
+                out.append(f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return out
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a parsed YAML/CLI value to the annotated type, or raise ConfigError naming the key."""
     origin = typing.get_origin(tp)
@@ -120,6 +173,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         return _coerce(value, args[0], key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        kind = type(choices[0])
+        coerced = _coerce(value, kind, key) if kind in (int, str) else value
+        if coerced not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return coerced
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_type,) = typing.get_args(tp)
+        return [_coerce(v, item_type, key) for v in value]
     if tp is dict or origin is dict:
         if isinstance(value, str):
             try:
@@ -225,27 +292,38 @@ def read_config_file(path: str) -> dict:
         tree = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"cannot parse config file {path}: {str(e).splitlines()[0]}") from None
+    if tree is not None and not isinstance(tree, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(tree).__name__}")
     return tree or {}
 
 
-def config_from_dict(tree: dict, overrides: list[tuple[str, str]] = ()) -> Config:
+def launch_world_size() -> int:
+    """The number of data-parallel processes of this launch (set by torchrun and the deepspeed launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def config_from_dict(tree: dict, overrides: list[tuple[str, str]] = (), world_size: Optional[int] = None) -> Config:
+    """Build and validate a Config; world_size (default: this launch's) resolves train.micro_batch."""
     tree = json.loads(json.dumps(tree))  # deep copy
     for key, value in overrides:
         _set_dotted(tree, key, yaml.safe_load(value) if isinstance(value, str) else value)
     cfg = _build(Config, tree, "")
-    validate(cfg)
+    validate(cfg, launch_world_size() if world_size is None else world_size)
     return cfg
 
 
-def load_config(path: Optional[str] = None, overrides: list[str] | list[tuple[str, str]] = ()) -> Config:
-    """Load a YAML/JSON config file (or a run folder holding config.yaml), apply overrides, validate."""
+def load_config(path: Optional[str] = None, overrides: list[str] | list[tuple[str, str]] = (),
+                world_size: Optional[int] = None) -> Config:
+    """Load a YAML/JSON config file (or a run folder holding config.yaml), apply overrides, validate.
+    A run folder's train.out_dir is the folder itself, wherever it has been moved or copied to."""
     tree = {}
     if path:
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.yaml")
-        tree = read_config_file(path)
+        run_dir = path if os.path.isdir(path) else None
+        tree = read_config_file(os.path.join(path, "config.yaml") if run_dir else path)
+        if run_dir:
+            tree.setdefault("train", {})["out_dir"] = os.path.abspath(run_dir)
     pairs = parse_overrides(list(overrides)) if overrides and isinstance(list(overrides)[0], str) else list(overrides)
-    return config_from_dict(tree, pairs)
+    return config_from_dict(tree, pairs, world_size)
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -253,27 +331,53 @@ def _check(ok: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def validate(cfg: Config) -> None:
-    """Checks that need no data or hardware. Resolves the model preset into explicit sizes."""
-    from fasttrain.ladder import resolve_model
+def resolve_model(m: ModelConfig) -> None:
+    """Fill n_layer/d_model/n_head/context_length from the preset (explicit values win), then check the shape."""
+    if m.preset is not None:
+        _check(m.preset in PRESETS, f"model.preset: unknown preset '{m.preset}' (choose one of {', '.join(PRESETS)})")
+        p = PRESETS[m.preset]
+        for key in ("n_layer", "d_model", "n_head", "context_length"):
+            if getattr(m, key) is None:
+                setattr(m, key, getattr(p, key))
+    for key in ("n_layer", "d_model", "n_head", "context_length"):
+        value = getattr(m, key)
+        _check(value is not None, f"model.{key}: not set (give model.preset or model.{key})")
+        _check(value >= 1, f"model.{key}: {value} must be at least 1")
+    _check(m.d_model % m.n_head == 0, f"model.d_model: {m.d_model} is not divisible by model.n_head ({m.n_head})")
 
-    resolve_model(cfg.model)  # fills n_layer/d_model/n_head/context_length from the preset
+
+def batch_layout(cfg: Config, world_size: int) -> tuple[int, int]:
+    """(sequences per forward pass per process, gradient accumulation steps) for this world size;
+    train.micro_batch None means the whole per-process batch."""
+    t = cfg.train
+    _check(t.global_batch % world_size == 0,
+           f"train.global_batch: {t.global_batch} is not divisible by the {world_size} processes; use a multiple "
+           "of the world size")
+    per_process = t.global_batch // world_size
+    micro = per_process if t.micro_batch is None else t.micro_batch
+    _check(micro >= 1, f"train.micro_batch: {micro} must be at least 1")
+    _check(per_process % micro == 0,
+           f"train.micro_batch: {micro} must divide the {per_process} sequences each of the {world_size} processes "
+           f"reads per step (train.global_batch {t.global_batch})")
+    return micro, per_process // micro
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Checks that need no data or hardware, and the derived defaults (see the module docstring)."""
+    resolve_model(cfg.model)
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
-    _check(m.attention in ("torch", "triton", "flash"), f"model.attention: '{m.attention}' is not one of torch, triton, flash")
-    _check(m.loss in ("torch", "triton"), f"model.loss: '{m.loss}' is not one of torch, triton")
     _check(0.0 <= m.dropout < 1.0, f"model.dropout: {m.dropout} must be in [0, 1)")
     _check(m.vocab_size is None or m.vocab_size >= 2, f"model.vocab_size: {m.vocab_size} must be at least 2")
-    if d.seq_len is not None:
-        _check(1 <= d.seq_len <= m.context_length,
-               f"data.seq_len: {d.seq_len} must be between 1 and model.context_length ({m.context_length})")
+    if d.seq_len is None:
+        d.seq_len = m.context_length
+    _check(1 <= d.seq_len <= m.context_length,
+           f"data.seq_len: {d.seq_len} must be between 1 and model.context_length ({m.context_length})")
     _check(0.0 <= d.repeated_fraction <= 1.0, f"data.repeated_fraction: {d.repeated_fraction} must be in [0, 1]")
     _check(d.repeat_count >= 1, f"data.repeat_count: {d.repeat_count} must be at least 1")
     _check(d.repeated_fraction == 0.0 or d.repeat_count >= 2,
            "data.repeat_count: must be at least 2 when data.repeated_fraction > 0 (1 repeat is unique data)")
-    _check(d.placement in ("uniform", "even"), f"data.placement: '{d.placement}' is not one of uniform, even")
     _check(o.lr > 0, f"optim.lr: {o.lr} must be positive")
     _check(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio: {o.min_lr_ratio} must be in [0, 1]")
-    _check(o.schedule in ("cosine", "constant"), f"optim.schedule: '{o.schedule}' is not one of cosine, constant")
     _check(o.warmup_steps >= 0, f"optim.warmup_steps: {o.warmup_steps} must be >= 0")
     _check(o.warmup_steps < t.steps, f"optim.warmup_steps: {o.warmup_steps} must be shorter than train.steps ({t.steps})")
     _check(o.weight_decay >= 0, f"optim.weight_decay: {o.weight_decay} must be >= 0")
@@ -281,23 +385,13 @@ def validate(cfg: Config) -> None:
     _check(o.grad_clip >= 0, f"optim.grad_clip: {o.grad_clip} must be >= 0 (0 disables)")
     _check(t.steps >= 1, f"train.steps: {t.steps} must be at least 1")
     _check(t.global_batch >= 1, f"train.global_batch: {t.global_batch} must be at least 1")
-    if t.micro_batch is not None:
-        _check(t.micro_batch >= 1, f"train.micro_batch: {t.micro_batch} must be at least 1")
-        _check(t.global_batch % t.micro_batch == 0,
-               f"train.micro_batch: {t.micro_batch} must divide train.global_batch ({t.global_batch})")
-    _check(t.device in ("auto", "cpu", "cuda"), f"train.device: '{t.device}' is not one of auto, cpu, cuda")
-    _check(t.precision in ("auto", "bf16", "fp32"), f"train.precision: '{t.precision}' is not one of auto, bf16, fp32")
-    _check(t.compile_mode in COMPILE_MODES,
-           f"train.compile_mode: '{t.compile_mode}' is not one of {', '.join(COMPILE_MODES)}")
-    for k in ("log_every", "checkpoint_every", "eval_every", "eval_tokens"):
+    t.micro_batch, _ = batch_layout(cfg, world_size)
+    _check(t.init_from is None or t.init_from.strip() != "", "train.init_from: empty; give a run folder or checkpoint")
+    for k in ("checkpoint_every", "eval_every", "eval_tokens"):
         _check(getattr(t, k) >= 0, f"train.{k}: {getattr(t, k)} must be >= 0")
     _check(t.log_every >= 1, f"train.log_every: {t.log_every} must be at least 1")
-    _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage: {cfg.deepspeed.zero_stage} must be 0, 1, 2 or 3")
+    _check(len(set(t.eval_metrics)) == len(t.eval_metrics), f"train.eval_metrics: {t.eval_metrics} repeats a metric")
     # Under ZeRO-3 the module holds empty placeholders for its partitioned weights, which Dynamo traces.
     _check(not (t.compile and cfg.deepspeed.zero_stage == 3),
            "train.compile: not supported with deepspeed.zero_stage 3 (its partitioned weights cannot be traced); "
            "set train.compile false or use ZeRO stage 1 or 2")
-
-
-def seq_len(cfg: Config) -> int:
-    return cfg.data.seq_len or cfg.model.context_length

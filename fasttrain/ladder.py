@@ -49,28 +49,6 @@ PRESETS = {
 }
 
 
-def resolve_model(model_cfg) -> None:
-    """Fill n_layer/d_model/n_head/context_length of a ModelConfig from its preset (explicit values win),
-    then check the shape. Raises ConfigError naming the key."""
-    from fasttrain.config import ConfigError
-
-    if model_cfg.preset is not None:
-        if model_cfg.preset not in PRESETS:
-            raise ConfigError(f"model.preset: unknown preset '{model_cfg.preset}' (choose one of {', '.join(PRESETS)})")
-        p = PRESETS[model_cfg.preset]
-        for key in ("n_layer", "d_model", "n_head", "context_length"):
-            if getattr(model_cfg, key) is None:
-                setattr(model_cfg, key, getattr(p, key))
-    for key in ("n_layer", "d_model", "n_head", "context_length"):
-        value = getattr(model_cfg, key)
-        if value is None:
-            raise ConfigError(f"model.{key}: not set (give model.preset or model.{key})")
-        if value < 1:
-            raise ConfigError(f"model.{key}: {value} must be at least 1")
-    if model_cfg.d_model % model_cfg.n_head:
-        raise ConfigError(f"model.d_model: {model_cfg.d_model} is not divisible by model.n_head ({model_cfg.n_head})")
-
-
 def non_embedding_params(n_layer: int, d_model: int) -> int:
     """Closed form of what GPT counts as non-embedding parameters (tested against the real module)."""
     return n_layer * (12 * d_model * d_model + 13 * d_model) + 2 * d_model

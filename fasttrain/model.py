@@ -151,9 +151,12 @@ class GPT(nn.Module):
         x = self.ln_f(x)
         return (x, probs) if return_probs else x
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean",
+                return_token_losses: bool = False):
         """idx (B, T) token ids. Without targets: logits (B, T, V). With targets (B, T; -100 = ignore):
-        the cross-entropy loss ('mean' over counted tokens, 'sum', or 'none' -> (B, T))."""
+        the cross-entropy loss ('mean' over counted tokens, 'sum', or 'none' -> (B, T)).
+        return_token_losses: also return every token's loss (B, T), detached, from the same computation
+        (the trainer splits the logged loss by sequence with it)."""
         x = self.hidden_states(idx)
         if targets is None:
             return F.linear(x, self.wte.weight)
@@ -162,12 +165,22 @@ class GPT(nn.Module):
 
             # On a GPU the range check would sync with the host every step; F.cross_entropy does not check
             # there either. An out-of-range target then shows as a NaN loss.
-            loss = linear_cross_entropy(x.reshape(-1, self.d_model), self.wte.weight, targets.reshape(-1),
-                                        reduction=reduction, validate_targets=x.device.type != "cuda")
+            out = linear_cross_entropy(x.reshape(-1, self.d_model), self.wte.weight, targets.reshape(-1),
+                                       reduction=reduction, validate_targets=x.device.type != "cuda",
+                                       return_token_losses=return_token_losses)
+            loss, token_losses = out if return_token_losses else (out, None)
         else:
             logits = F.linear(x, self.wte.weight)
-            loss = F.cross_entropy(logits.float().view(-1, self.vocab_size), targets.reshape(-1), reduction=reduction)
-        return loss.view(targets.shape) if reduction == "none" else loss
+            token_losses = F.cross_entropy(logits.float().view(-1, self.vocab_size), targets.reshape(-1),
+                                           reduction="none")
+            loss = token_losses  # ignored targets (-100) give 0 and count for nothing in a mean
+            if reduction == "sum":
+                loss = token_losses.sum()
+            elif reduction == "mean":
+                loss = token_losses.sum() / (targets != -100).sum().clamp_min(1)
+            token_losses = token_losses.detach()
+        loss = loss.view(targets.shape) if reduction == "none" else loss
+        return (loss, token_losses.view(targets.shape)) if return_token_losses else loss
 
     def attention_probs(self, idx: torch.Tensor):
         """Logits and the attention pattern of every layer: (logits (B,T,V), [ (B, H, T, T) ] * n_layer)."""

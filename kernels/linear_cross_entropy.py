@@ -134,11 +134,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         else:
             ctx.save_for_backward(hidden, weight, bias, targets, lse)
             ctx.ignore_index, ctx.z_loss, ctx.chunk_size = ignore_index, z_loss, chunk_size
-        ctx.mark_non_differentiable(z_term)
-        return loss, z_term
+        token_losses = losses if fused else losses.new_empty(0)  # with "none" the loss itself is per token
+        ctx.mark_non_differentiable(z_term, token_losses)
+        return loss, z_term, token_losses
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_z_term):
+    def backward(ctx, grad_loss, grad_z_term, grad_token_losses):
         if ctx.reduction != "none":
             grad_hidden, grad_weight, grad_bias, inv_count = ctx.saved_tensors
             grad_loss = grad_loss.to(torch.float32)
@@ -175,6 +176,7 @@ def linear_cross_entropy(
     return_z_loss=False,
     chunk_size=None,
     validate_targets=True,
+    return_token_losses=False,
 ):
     """Cross-entropy of hidden @ weight.T + bias against targets, computed in chunks of tokens.
 
@@ -187,6 +189,9 @@ def linear_cross_entropy(
     "none" (fp32 per-token losses, 0 at ignored tokens; its backward recomputes the logits).
     return_z_loss: also return the z-loss term alone (already included in the loss; for logging, not
     differentiable).
+    return_token_losses: also return every token's loss (shaped like targets, fp32, 0 at ignored tokens,
+    not differentiable), which the fused reductions compute anyway: a training loop can split its logged
+    loss by sequence at no cost. Returned after the z-loss term when both are asked for.
     chunk_size: tokens per chunk; by default 4096 (fewer when V > 64k). Peak extra memory ~ chunk_size x V.
     validate_targets: raise ValueError on a target outside [0, V) (one host sync per call). False skips
     the check and its sync, for callers whose targets are known to be in range (a training loop); an
@@ -218,10 +223,12 @@ def linear_cross_entropy(
     targets = targets.reshape(-1).contiguous()
     chunk_size = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0])
     with torch.autocast(device_type, enabled=False):
-        loss, z_term = LinearCrossEntropyFunction.apply(
+        loss, z_term, token_losses = LinearCrossEntropyFunction.apply(
             hidden, weight, bias, targets, ignore_index, reduction, float(z_loss), chunk_size, torch.is_grad_enabled(),
             validate_targets,
         )
     if reduction == "none":
         loss, z_term = loss.reshape(out_shape), z_term.reshape(out_shape)
-    return (loss, z_term) if return_z_loss else loss
+        token_losses = loss.detach()
+    outputs = (loss,) + ((z_term,) if return_z_loss else ()) + ((token_losses.reshape(out_shape),) if return_token_losses else ())
+    return outputs if len(outputs) > 1 else loss

@@ -1,33 +1,16 @@
-"""`fasttrain` as started by a launcher in the DeepSpeed tests (torchrun or the deepspeed launcher).
-
-Two test-only changes before handing over to fasttrain.cli.main:
-- DeepSpeed's shared-memory all-reduce op is not built: its first build compiles C++ for 45-55 s on a CPU,
-  and gloo does the same job for a tiny model.
-- FASTTRAIN_TEST_STEP_DELAY=seconds sleeps after every optimizer step, so a test can kill a run mid-way.
+"""`fasttrain` as the DeepSpeed tests start it under a launcher (torchrun or the deepspeed launcher): as
+cli_worker.py (FASTTRAIN_TEST_STEP_DELAY slows every optimizer step), and without building DeepSpeed's
+shared-memory all-reduce op, whose first build compiles C++ for 45-55 s on a CPU while gloo does the same job
+for a tiny model.
 """
-import os
 import sys
-import time
 
 import deepspeed.comm.torch  # noqa: F401  (the module must be loaded to patch it)
 
 # `deepspeed.comm.torch` as an attribute is the torch package itself: take the submodule from sys.modules.
 sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
-delay = float(os.environ.get("FASTTRAIN_TEST_STEP_DELAY", "0"))
-if delay:
-    from deepspeed.runtime.engine import DeepSpeedEngine
-
-    engine_step = DeepSpeedEngine.step
-
-    def slow_step(self, *args, **kwargs):
-        out = engine_step(self, *args, **kwargs)
-        time.sleep(delay)
-        return out
-
-    DeepSpeedEngine.step = slow_step
-
-from fasttrain.cli import main  # noqa: E402
+from cli_worker import main  # noqa: E402  (this folder is on sys.path: the script's own)
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

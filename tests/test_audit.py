@@ -108,39 +108,41 @@ def _args(**kwargs):
     return argparse.Namespace(**kwargs)
 
 
-def test_cli_audit_and_show_batch_from_a_config(dataset_dir, tmp_path, capsys):
+def test_cli_audit_and_show_batch_from_a_config(dataset_dir, tmp_path, capsys, monkeypatch):
     cfg_file = tmp_path / "config.yaml"
-    cfg_file.write_text("# read by the injected loader\n")
+    cfg_file.write_text("# read by the stand-in loader\n")
     seen = {}
 
     def load_config(path, overrides):
         seen["args"] = (path, overrides)
         return make_config(dataset_dir)
 
-    result = data_cli.run_audit(_args(target=str(tmp_path), json=True), ["--x", "1"], load_config=load_config)
+    monkeypatch.setattr(data_cli, "load_config", load_config)
+
+    result = data_cli.run_audit(_args(target=str(tmp_path), json=True), ["--x", "1"])
     assert seen["args"] == (str(cfg_file), ["--x", "1"])  # a run folder resolves to its config.yaml
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] and out["schedule"]["num_sequences"] == 320 == result["positions"]
     assert out["test_split"]["documents"] > 0
 
-    data_cli.run_audit(_args(target=str(cfg_file), json=False), load_config=load_config)
+    data_cli.run_audit(_args(target=str(cfg_file), json=False))
     assert "AUDIT PASSED" in capsys.readouterr().out
 
-    data_cli.run_show_batch(_args(target=str(cfg_file), step=19, json=True), load_config=load_config)
+    data_cli.run_show_batch(_args(target=str(cfg_file), step=19, json=True))
     shown = json.loads(capsys.readouterr().out)
     assert shown["step"] == 19 and len(shown["sequences"]) == 16
-    data_cli.run_show_batch(_args(target=str(cfg_file), step=0, json=False), load_config=load_config)
+    data_cli.run_show_batch(_args(target=str(cfg_file), step=0, json=False))
     assert "global batch 0: 16 sequences of 16 tokens" in capsys.readouterr().out
 
     with pytest.raises(FileNotFoundError, match="config"):
-        data_cli.run_audit(_args(target=str(tmp_path / "missing"), json=True), load_config=load_config)
+        data_cli.run_audit(_args(target=str(tmp_path / "missing"), json=True))
 
 
-def test_cli_audit_too_small_dataset(dataset_dir, tmp_path):
+def test_cli_audit_too_small_dataset(dataset_dir, tmp_path, monkeypatch):
     (tmp_path / "c.yaml").write_text("")
+    monkeypatch.setattr(data_cli, "load_config", lambda p, o: make_config(dataset_dir, steps=1000))
     with pytest.raises(ValueError, match="needs .* tokens"):
-        data_cli.run_audit(_args(target=str(tmp_path / "c.yaml"), json=True),
-                           load_config=lambda p, o: make_config(dataset_dir, steps=1000))
+        data_cli.run_audit(_args(target=str(tmp_path / "c.yaml"), json=True))
 
 
 def test_cli_prepare_from_jsonl(tmp_path, capsys):
@@ -183,3 +185,18 @@ def test_fasttrain_command_line_runs_audit(dataset_dir, tmp_path, capsys):
     assert len(json.loads(capsys.readouterr().out)["sequences"]) == 16
     assert main(["audit", str(cfg), "--data.repeat_count", "8"]) == 0
     assert "E=8" in capsys.readouterr().out
+
+
+def test_show_batch_outside_the_run_is_one_error_line(dataset_dir, tmp_path, capsys):
+    from fasttrain.cli import main
+
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"model: {{preset: 100k}}\ndata: {{path: '{dataset_dir}', seq_len: 15}}\n"
+                   f"train: {{steps: 30, global_batch: 4}}\noptim: {{warmup_steps: 2}}\n")
+    for step in (99, 30, -1):
+        assert main(["show-batch", str(cfg), "--step", str(step)]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err == f"error: --step {step} is outside this run: it has 30 steps, so give a step from 0 to 29\n"
+    assert main(["show-batch", str(cfg), "--step", "29"]) == 0
+    assert "global batch 29: 4 sequences" in capsys.readouterr().out

@@ -26,7 +26,8 @@ def test_json_and_explicit_fields_override_preset(tmp_path):
 
 
 def test_saved_config_round_trips(tmp_path):
-    cfg = load_config(None, ["--model.preset", "100k", "--train.steps", "20", "--optim.warmup_steps", "2"])
+    cfg = load_config(None, ["--model.preset", "100k", "--train.steps", "20", "--optim.warmup_steps", "2",
+                             "--train.out_dir", str(tmp_path)])
     cfg.save(str(tmp_path / "config.yaml"))
     again = load_config(str(tmp_path))  # a run folder works as well as a file
     assert again == cfg

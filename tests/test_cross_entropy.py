@@ -168,3 +168,41 @@ def test_under_torch_compile():
     torch.testing.assert_close(loss[1], loss[0])
     for a, b in zip(grads[1], grads[0]):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["row_stride", "transposed", "batch_transposed"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_non_contiguous_inputs(layout, reduction, dtype):
+    # Views as callers hand them over: rows of a wider buffer, column-major logits, a transposed batch, and
+    # targets with a stride of 2; forward and backward against the float64 reference.
+    n, v = 24, 301
+    gen = torch.Generator().manual_seed(11)
+    wide = (torch.randn(n, v + 9, generator=gen) * 3.0).to(DEVICE, dtype)
+    target_pairs = torch.randint(0, v, (n, 2), generator=gen)
+    target_pairs[torch.rand(n, generator=gen) < 0.3, 0] = -100
+    targets = target_pairs.to(DEVICE)[:, 0]
+    logits = wide[:, :v]  # row stride v + 9
+    if layout == "transposed":
+        logits = logits.t().contiguous().t()  # column-major: stride (1, n)
+    elif layout == "batch_transposed":
+        logits, targets = logits.reshape(6, 4, v).transpose(0, 1), targets.reshape(6, 4).transpose(0, 1)
+    logits.requires_grad_()
+    assert not logits.is_contiguous() and not targets.is_contiguous()
+    before = logits.detach().clone()
+
+    loss = cross_entropy(logits, targets, reduction=reduction, z_loss=1e-3)
+    gen_up = torch.Generator().manual_seed(12)
+    upstream = torch.randn(loss.shape, generator=gen_up).to(DEVICE)
+    (grad,) = torch.autograd.grad(loss, logits, upstream)
+
+    ref_logits = logits.detach().double().requires_grad_()
+    flat_logits, flat_targets = ref_logits.reshape(-1, v), targets.reshape(-1)
+    ref_loss, _ = reference(flat_logits, flat_targets, -100, reduction, 1e-3)
+    ref_loss = ref_loss.reshape(loss.shape)
+    (ref_grad,) = torch.autograd.grad(ref_loss, ref_logits, upstream.double())
+
+    assert torch.equal(logits.detach(), before), "the input logits were modified"
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+    assert grad.shape == logits.shape and grad.dtype == dtype
+    assert rel_err(grad, ref_grad) < GRAD_TOL[dtype]

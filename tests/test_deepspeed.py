@@ -4,6 +4,7 @@ Each launched run costs about 10 s on 2 cores, so the runs are shared between te
 the plain baseline, one 2-process run per ZeRO stage (stage 2 through the deepspeed launcher, the others
 through torchrun; stages 1 and 3 with gradient accumulation).
 """
+import contextlib
 import json
 import os
 import random
@@ -14,24 +15,23 @@ import subprocess
 import sys
 import time
 
+import deepspeed  # noqa: F401  (a dependency: a missing or broken install must fail, not skip)
 import pytest
 import torch
 import yaml
 
-pytest.importorskip("deepspeed")
-
-from fasttrain.config import ConfigError, config_from_dict  # noqa: E402
-from fasttrain.data import prepare_dataset  # noqa: E402
-from fasttrain.eval.run import load_model  # noqa: E402
-from fasttrain.train.distributed import (  # noqa: E402
+from fasttrain.checkpoint import load_model
+from fasttrain.checkpoint.deepspeed import (
     COMPLETE,
-    batch_layout,
-    deepspeed_config,
     export_consolidated,
     list_ds_checkpoints,
     resolve_ds_checkpoint,
 )
-from fasttrain.train.trainer import train  # noqa: E402
+from fasttrain.config import ConfigError, batch_layout, config_from_dict
+from fasttrain.data import prepare_dataset
+from fasttrain.train.distributed import deepspeed_config
+from fasttrain.train.trainer import train
+from run_output import printed_steps
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ds_worker.py")
 STEPS = 6
@@ -79,6 +79,42 @@ def launch_env(**extra):
     return env
 
 
+def process_tree(pid):
+    """pid and every process below it. torchrun starts each rank in a session of its own, so killing the
+    launcher's process group would leave the ranks training."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+            children.setdefault(parent, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def kill_tree(proc):
+    """SIGKILL the launcher and its ranks at once; returns once none of them runs any more."""
+    pids = process_tree(proc.pid)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    for pid in pids[1:]:  # the ranks, now children of init, which reaps them
+        while os.path.exists(f"/proc/{pid}") and time.time() < deadline:
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            time.sleep(0.05)
+    return pids
+
+
 def write_config(tree, path):
     with open(path, "w") as f:
         yaml.safe_dump(tree, f)
@@ -108,6 +144,20 @@ def assert_same_losses(run_dir, baseline_dir, steps):
     assert sorted(got) == list(range(1, STEPS + 1))
     for s in steps:
         assert abs(got[s] - want[s]) < TOL, f"step {s}: loss {got[s]} vs single-process {want[s]}"
+
+
+def assert_ran_on(run_dir, world_size, zero_stage, step=STEPS):
+    """The checkpoint of `step` was written by world_size processes: its marker says so, and under ZeRO
+    1-3 every rank wrote its own optimizer shard (DeepSpeed's zero_pp_rank_R_* files)."""
+    tag_dir = os.path.join(run_dir, "ds_checkpoints", f"step_{step:07d}")
+    marker = os.path.join(tag_dir, COMPLETE)
+    assert os.path.exists(marker), f"{marker} is missing: the run did not go through the DeepSpeed trainer"
+    with open(marker) as f:
+        assert json.load(f)["world_size"] == world_size
+    if zero_stage > 0:
+        ranks = {int(name.split("_")[3]) for name in os.listdir(tag_dir)
+                 if name.startswith("zero_pp_rank_") and name.endswith("optim_states.pt")}
+        assert ranks == set(range(world_size)), f"ZeRO optimizer shards of ranks {sorted(ranks)} in {tag_dir}"
 
 
 def assert_same_weights(a, b):
@@ -191,6 +241,7 @@ def test_batch_that_does_not_split_over_the_ranks_is_refused():
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_zero_stage_matches_single_process(stage, zero_run, plain):
     run_dir = zero_run(stage)
+    assert_ran_on(run_dir, 2, stage)
     assert_same_losses(run_dir, plain, range(1, STEPS + 1))
     assert_same_weights(final_weights(run_dir), final_weights(plain))  # the automatic consolidated export
     with open(os.path.join(run_dir, "final.json")) as f, open(os.path.join(plain, "final.json")) as g:
@@ -207,6 +258,7 @@ def test_compiled_zero_run_matches_single_process(root, plain):
     run_dir = str(root / "zero2-compiled")
     tree = config_tree(str(root / "data"), run_dir, 2, compile=True, compile_mode="max-autotune-no-cudagraphs")
     run_launched(tree, root / "zero2-compiled.yaml")
+    assert_ran_on(run_dir, 2, 2)
     assert_same_losses(run_dir, plain, range(1, STEPS + 1))
 
 
@@ -226,8 +278,8 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(root, plain):
             assert time.time() < deadline, "no checkpoint appeared"
             time.sleep(0.05)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-training
-        proc.wait()
+        killed = kill_tree(proc)  # the launcher and both ranks, mid-training
+    assert len(killed) >= 3, f"the launcher and 2 ranks, got processes {killed}"
     assert not os.path.exists(os.path.join(run_dir, "final.json"))
     # A kill during a later save: a checkpoint folder without its marker must never be resumed from.
     half = os.path.join(folder, "step_0000005")
@@ -237,8 +289,13 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(root, plain):
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         resolve_ds_checkpoint(half)
 
-    run_launched(config_tree(str(root / "data"), run_dir, 2, checkpoint_every=2, keep_checkpoints=False),
-                 root / "killed.yaml", resume=True)
+    resumed_from = max(s for s, _ in list_ds_checkpoints(folder))
+    assert 2 <= resumed_from < STEPS
+    resumed = run_launched(config_tree(str(root / "data"), run_dir, 2, checkpoint_every=2, keep_checkpoints=False),
+                           root / "killed.yaml", resume=True)
+    # Only the steps after the checkpoint ran (a restart from 0 would give the same losses).
+    assert printed_steps(resumed.stdout) == list(range(resumed_from + 1, STEPS + 1)), resumed.stdout[-3000:]
+    assert_ran_on(run_dir, 2, 2)
     assert_same_losses(run_dir, plain, range(1, STEPS + 1))
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         steps = [json.loads(line)["step"] for line in f if '"loss"' in line]
@@ -258,7 +315,10 @@ def test_zero3_checkpoint_resumes_with_another_world_size(root, zero_run, plain)
     config_from_dict(tree).save(os.path.join(run_dir, "config.yaml"))
     with open(os.path.join(source, "metrics.jsonl")) as f, open(os.path.join(run_dir, "metrics.jsonl"), "w") as g:
         g.writelines(line for line in f if json.loads(line)["step"] <= 3)
-    run_launched(tree, root / "one_process.yaml", nproc=1, resume=True)
+    resumed = run_launched(tree, root / "one_process.yaml", nproc=1, resume=True)
+    assert printed_steps(resumed.stdout) == list(range(4, STEPS + 1)), resumed.stdout[-3000:]
+    assert_ran_on(source, 2, 3, step=3)
+    assert_ran_on(run_dir, 1, 3)
     assert os.path.exists(os.path.join(run_dir, "ds_checkpoints", "universal", "step_0000003", COMPLETE))
     assert_same_losses(run_dir, plain, range(1, STEPS + 1))
     assert_same_weights(final_weights(run_dir), final_weights(plain))
@@ -267,7 +327,7 @@ def test_zero3_checkpoint_resumes_with_another_world_size(root, zero_run, plain)
 # ---- consolidated export -> the plain trainer -------------------------------------------------------
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("stage", [0, 3])
-def test_exported_checkpoint_continues_in_the_plain_trainer(stage, root, zero_run, plain):
+def test_exported_checkpoint_continues_in_the_plain_trainer(stage, root, zero_run, plain, capsys):
     source = os.path.join(zero_run(stage), "ds_checkpoints", "step_0000003")
     run_dir = str(root / f"plain_from_zero{stage}")
     cfg = config_from_dict(config_tree(str(root / "data"), run_dir))
@@ -283,7 +343,9 @@ def test_exported_checkpoint_continues_in_the_plain_trainer(stage, root, zero_ru
     model, _ = load_model(path)  # what the evaluations read
     assert_same_weights(model.state_dict(), final_weights(plain, 3))
 
+    capsys.readouterr()
     train(cfg, resume=True)
+    assert printed_steps(capsys.readouterr().out) == list(range(4, STEPS + 1))
     assert_same_losses(run_dir, plain, range(4, STEPS + 1))
     assert_same_weights(final_weights(run_dir), final_weights(plain))
 

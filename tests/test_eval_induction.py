@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from fasttrain.eval.copying import copy_sequences, copying_losses, random_passages
-from fasttrain.eval.induction import (icl_positions, prefix_matching_scores, prefix_matching_sequences,
-                                      prefix_matching_targets, token_pool)
+from fasttrain.eval.icl import icl_positions
+from fasttrain.measure.prefix_matching import (prefix_matching_scores, prefix_matching_sequences,
+                                               prefix_matching_targets, token_pool)
 from fasttrain.model import GPT
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

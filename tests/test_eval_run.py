@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from fasttrain.config import config_from_dict
 from fasttrain.data import MissingSplitError, open_dataset, prepare_dataset
 from fasttrain.eval.cli import register
-from fasttrain.eval.loss import heldout_loss
-from fasttrain.eval.memorization import seen_unique_positions, training_schedule
-from fasttrain.eval.run import CheckpointError, evaluate, load_checkpoint, load_model
+from fasttrain.checkpoint import CheckpointError, load_checkpoint, load_model
+from fasttrain.eval.run import evaluate
+from fasttrain.measure.loss import heldout_loss, seen_unique_positions, training_schedule
 from fasttrain.model import GPT
-from fasttrain.train.checkpoint import save_checkpoint
+from fasttrain.checkpoint.files import save_checkpoint
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -52,7 +52,7 @@ def setup(tmp_path_factory):
     cfg.save(os.path.join(run, "config.yaml"))
     for step in (5, 10):
         save_checkpoint(run, step, {"model": model.state_dict(), "optimizer": {}, "step": step, "rng": {},
-                                    "config": cfg.to_dict(), "vocab_size": dataset.vocab_size}, keep=True)
+                                    "config": cfg.to_dict(), "vocab_size": dataset.vocab_size})
     return {"root": root, "data": data, "dataset": dataset, "cfg": cfg, "model": model, "run": run}
 
 
@@ -81,6 +81,28 @@ def test_test_loss_equals_independent_computation(setup):
     loss, bpb, count = independent_loss(model, dataset, [0, (n_windows - 1 + 1) // 2, n_windows - 1], 128)
     assert few["test_tokens"] == count and few["test_loss"] == pytest.approx(loss, rel=1e-5)
     assert few["test_bits_per_byte"] == pytest.approx(bpb, rel=1e-5)
+
+
+def test_icl_score_equals_independent_computation(setup):
+    # "Loss at token k" predicts the k-th token of a context from the k - 1 before it; the score is the mean
+    # over contexts of loss(late) - loss(early). A budget this large takes every test window as a context.
+    model, dataset, cfg = setup["model"], setup["dataset"], setup["cfg"]
+    tokens = np.asarray(dataset.test.tokens).astype(np.int64)
+    for requested, (early, late) in [(None, (50, 128)), ((10, 100), (10, 100))]:
+        result = evaluate(model, dataset, cfg, metrics=["icl"], tokens=10**6, icl_positions=requested)
+        assert result["icl_positions"] == [early, late]
+        n_contexts = len(tokens) // late
+        assert result["icl_sequences"] == n_contexts
+        contexts = torch.from_numpy(tokens[:n_contexts * late].reshape(n_contexts, late)).to(DEVICE)
+        with torch.no_grad():
+            logits = model(contexts[:, :-1]).double()
+        loss_at = {k: F.cross_entropy(logits[:, k - 2], contexts[:, k - 1], reduction="none").cpu()
+                   for k in (early, late)}
+        diff = loss_at[late] - loss_at[early]
+        assert result["icl_loss_early"] == pytest.approx(loss_at[early].mean().item(), rel=1e-6)
+        assert result["icl_loss_late"] == pytest.approx(loss_at[late].mean().item(), rel=1e-6)
+        assert result["icl_score"] == pytest.approx(diff.mean().item(), abs=1e-6)
+        assert result["icl_score_stderr"] == pytest.approx(diff.std().item() / n_contexts**0.5, rel=1e-4)
 
 
 def test_evaluate_reports_every_metric_deterministically(setup):
@@ -119,7 +141,7 @@ def test_repeated_loss_shows_memorization(setup):
     """After fitting the repeated windows only, their loss falls far below the loss of unseen data."""
     dataset, cfg = setup["dataset"], setup["cfg"]
     schedule = training_schedule(dataset, cfg)
-    from fasttrain.eval.common import read_windows
+    from fasttrain.measure.windows import read_windows
 
     windows = torch.from_numpy(read_windows(dataset, "train", schedule.repeated_window_ids(), 128)).to(DEVICE)
     torch.manual_seed(1)

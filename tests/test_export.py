@@ -6,15 +6,14 @@ import random
 
 import pytest
 import torch
+import transformers  # in the test extra: a missing or broken install must fail, not skip
 
-transformers = pytest.importorskip("transformers")
-
-from fasttrain.config import config_from_dict  # noqa: E402
-from fasttrain.data import open_dataset, prepare_dataset  # noqa: E402
-from fasttrain.eval.cli import register  # noqa: E402
-from fasttrain.eval.export import export_hf, hf_state_dict  # noqa: E402
-from fasttrain.model import GPT  # noqa: E402
-from fasttrain.train.checkpoint import save_checkpoint  # noqa: E402
+from fasttrain.config import config_from_dict
+from fasttrain.data import open_dataset, prepare_dataset
+from fasttrain.eval.cli import register
+from fasttrain.eval.export import export_hf, hf_state_dict
+from fasttrain.model import GPT
+from fasttrain.checkpoint.files import save_checkpoint
 
 
 def random_weights(model, seed=0):

@@ -223,3 +223,38 @@ def test_under_torch_compile():
     torch.testing.assert_close(losses[1], losses[0])
     for a, b in zip(grads[1], grads[0]):
         torch.testing.assert_close(a, b)
+
+
+def _strided_like(t, layout):
+    """The values of t in another memory layout: a column slice of a wider buffer, or column-major."""
+    if layout == "sliced":
+        wide = t.new_zeros(*t.shape[:-1], t.shape[-1] + 5)
+        wide[..., :t.shape[-1]] = t
+        return wide[..., :t.shape[-1]]
+    return t.t().contiguous().t()
+
+
+@pytest.mark.parametrize("layout", ["hidden_sliced", "hidden_transposed", "weight_sliced", "weight_transposed"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_non_contiguous_inputs(layout, reduction):
+    # hidden or weight as a view (a slice of a fused projection, a transposed matrix), a strided bias and
+    # strided targets; several chunks, forward and backward (also the recomputing one of "none") vs float64.
+    hidden, weight, bias, targets, upstream = make_inputs(50, 24, 301, torch.float32, True, "some")
+    which, how = layout.split("_")
+    views = {"hidden": hidden.detach(), "weight": weight.detach()}
+    views[which] = _strided_like(views[which], how)
+    hidden, weight = (views[name].requires_grad_() for name in ("hidden", "weight"))
+    bias = torch.stack([bias.detach(), torch.zeros_like(bias)], dim=1)[:, 0].requires_grad_()  # stride 2
+    targets = torch.stack([targets, targets], dim=1)[:, 0]
+    assert not views[which].is_contiguous() and not bias.is_contiguous() and not targets.is_contiguous()
+    upstream = upstream if reduction == "none" else torch.tensor(1.7, device=DEVICE)
+
+    loss = linear_cross_entropy(hidden, weight, targets, bias, reduction=reduction, z_loss=1e-4, chunk_size=16)
+    grads = torch.autograd.grad(loss, [hidden, weight, bias], upstream)
+    ref_params = [p.detach().double().requires_grad_() for p in (hidden, weight, bias)]
+    ref_loss, _ = reference(*ref_params, targets, -100, reduction, 1e-4)
+    ref_grads = torch.autograd.grad(ref_loss, ref_params, upstream.double())
+
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+    for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        assert g.shape == r.shape and rel_err(g, r) < 1e-5, f"d{name}: relative error {rel_err(g, r):.3g}"

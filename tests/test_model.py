@@ -59,15 +59,37 @@ def test_causality_and_attention_probs():
 def test_output_head_is_tied_and_context_is_enforced():
     model = tiny()
     assert model.num_params(non_embedding=False) == sum(p.numel() for p in model.parameters())
+    # Every (vocab, d_model) weight in the state dict (an output head, however named) is the embedding itself.
+    wte = model.wte.weight
+    heads = {k: v for k, v in model.state_dict().items() if v.shape == wte.shape}
+    assert heads and all(v.data_ptr() == wte.data_ptr() for v in heads.values()), list(heads)
+
+    def head_matches_embedding():
+        # The logits are the final hidden states times the token embedding, and nothing else.
+        x = torch.randint(0, 97, (2, 12))
+        with torch.no_grad():
+            return torch.allclose(model(x), model.hidden_states(x) @ model.wte.weight.T, rtol=1e-5, atol=1e-6)
+
+    assert head_matches_embedding()
+    # The head's gradient reaches the embedding: rows of tokens absent from the input get one through it alone.
+    x = torch.randint(0, 50, (2, 12))
+    y = torch.randint(0, 97, (2, 12))
+    model(x, y).backward()
+    assert model.wte.weight.grad[50:].abs().sum() > 0
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):  # after steps that change the embedding, the head still equals it
+        optimizer.step()
+        optimizer.zero_grad()
+        model(x, y).backward()
+    assert head_matches_embedding()
     with pytest.raises(ValueError, match="context length"):
         model(torch.zeros(1, 65, dtype=torch.long))
 
 
 def test_flash_backend_missing_is_a_clear_error():
-    pytest.importorskip("torch")
     try:
         import flash_attn  # noqa: F401
-        pytest.skip("flash-attn is installed")
+        pytest.skip("flash-attn is installed")  # optional: the error is what a machine without it gets
     except ImportError:
         pass
     model = tiny(attention="flash")

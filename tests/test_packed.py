@@ -10,18 +10,18 @@ import torch
 
 from fasttrain.config import ConfigError, config_from_dict
 from fasttrain.data import open_dataset
-from fasttrain.eval.loss import heldout_loss
+from fasttrain.checkpoint.files import list_checkpoints
 from fasttrain.model import GPT
-from fasttrain.train.checkpoint import list_checkpoints
+from fasttrain.measure.loss import heldout_loss
 from fasttrain.train.packed import (
     PackedGPT,
     check_packable,
     clip_grad_norm_per_model,
     packed_heldout_loss,
     packing_key,
-    train_packed,
 )
 from fasttrain.train.trainer import train
+from run_output import printed_steps
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (repeated_fraction, repeat_count, placement, data seed, init seed): every per-run axis of a sweep differs.
@@ -69,7 +69,7 @@ def separate_runs(dataset_dir, tmp_path_factory):
 def test_packed_runs_equal_separate_runs(dataset_dir, separate_runs, tmp_path):
     dirs, summaries = separate_runs
     packed_dirs = [str(tmp_path / f"run{i}") for i in range(len(RUNS))]
-    packed_summaries = train_packed([_cfg(dataset_dir, d, run) for d, run in zip(packed_dirs, RUNS)])
+    packed_summaries = train([_cfg(dataset_dir, d, run) for d, run in zip(packed_dirs, RUNS)])
 
     for alone, packed, s_alone, s_packed in zip(dirs, packed_dirs, summaries, packed_summaries):
         assert len(_losses(packed)) == 12
@@ -106,7 +106,7 @@ def test_compiled_pack_equals_separate_runs(dataset_dir, separate_runs, tmp_path
     # train.compile on a pack compiles the stacked model and the per-model clipping: same losses.
     dirs, summaries = separate_runs
     packed_dirs = [str(tmp_path / f"run{i}") for i in range(len(RUNS))]
-    packed_summaries = train_packed([_cfg(dataset_dir, d, run, compile=True, compile_mode="max-autotune-no-cudagraphs")
+    packed_summaries = train([_cfg(dataset_dir, d, run, compile=True, compile_mode="max-autotune-no-cudagraphs")
                                      for d, run in zip(packed_dirs, RUNS)])
     for alone, packed, s_alone, s_packed in zip(dirs, packed_dirs, summaries, packed_summaries):
         assert _losses(packed) == pytest.approx(_losses(alone), rel=1e-4)
@@ -122,9 +122,9 @@ def _simulate_kill(run_dir, keep_up_to):
     os.remove(os.path.join(run_dir, "final.json"))
 
 
-def test_killed_pack_resumes_to_identical_losses(dataset_dir, separate_runs, tmp_path):
+def test_killed_pack_resumes_to_identical_losses(dataset_dir, separate_runs, tmp_path, capsys):
     straight = [str(tmp_path / "straight" / f"run{i}") for i in range(len(RUNS))]
-    train_packed([_cfg(dataset_dir, d, run, keep_checkpoints=True) for d, run in zip(straight, RUNS)])
+    train([_cfg(dataset_dir, d, run, keep_checkpoints=True) for d, run in zip(straight, RUNS)])
     expected = [_losses(d) for d in straight]
 
     killed = [str(tmp_path / "killed" / f"run{i}") for i in range(len(RUNS))]
@@ -138,8 +138,11 @@ def test_killed_pack_resumes_to_identical_losses(dataset_dir, separate_runs, tmp
     for d in killed[1:]:
         _simulate_kill(d, keep_up_to=4)
     with pytest.raises(ConfigError, match="--resume"):  # never silently restarts over a run
-        train_packed(cfgs)
-    train_packed(cfgs, resume=True)
+        train(cfgs)
+    capsys.readouterr()
+    train(cfgs, resume=True)
+    # Only the steps after the common checkpoint ran (a restart from 0 would give the same losses).
+    assert printed_steps(capsys.readouterr().out) == list(range(5, 13))
     if DEVICE == "cpu":
         assert [_losses(d) for d in killed] == expected  # bit-identical
     else:  # GPU attention backward may accumulate in a different order
@@ -150,7 +153,8 @@ def test_killed_pack_resumes_to_identical_losses(dataset_dir, separate_runs, tmp
     finals = [json.load(open(os.path.join(d, "final.json"))) for d in killed]
     for d in killed:
         os.remove(os.path.join(d, "final.json"))
-    assert train_packed(cfgs, resume=True) == finals
+    assert train(cfgs, resume=True) == finals
+    assert printed_steps(capsys.readouterr().out) == []  # evaluated again, not trained again
     assert [json.load(open(os.path.join(d, "final.json"))) for d in killed] == finals
 
     # A packed run's checkpoint is a plain one: the plain trainer resumes it alone to the same losses.
@@ -160,6 +164,7 @@ def test_killed_pack_resumes_to_identical_losses(dataset_dir, separate_runs, tmp
     cfg = _cfg(dataset_dir, alone, RUNS[1], keep_checkpoints=True)
     cfg.save(os.path.join(alone, "config.yaml"))
     train(cfg, resume=True)
+    assert printed_steps(capsys.readouterr().out) == list(range(9, 13))
     assert _losses(alone) == pytest.approx(expected[1], rel=1e-6)
     assert _losses(alone) == pytest.approx(_losses(separate_runs[0][1]), rel=1e-5)
 
@@ -191,7 +196,7 @@ def test_mismatched_runs_are_refused(dataset_dir, tmp_path, key, value, expected
     section, name = key.split(".")
     setattr(getattr(b, section), name, value)
     with pytest.raises(ConfigError, match=expected) as err:
-        train_packed([a, b])
+        train([a, b])
     assert "differs" in str(err.value) and "\n" not in str(err.value)
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")  # nothing written
     assert packing_key(a) != packing_key(b)

@@ -1,12 +1,14 @@
 import os
+import re
 import sys
 
 import pytest
 import yaml
 
 from fasttrain.sweep.grid import SweepError, expand, load_sweep, run_name, spec_from_dict
+from fasttrain.config import config_differences
 from fasttrain.sweep.plan import budget_note
-from fasttrain.sweep.runner import config_differences, eval_command, prepare_run_folder, train_command
+from fasttrain.sweep.runner import eval_command, prepare_run_folder, train_command
 
 
 def sweep_tree(tmp_path, **changes):
@@ -240,3 +242,31 @@ def test_demo_finetune_sweep_file_matches_the_demo_with_its_finetune_stage(tmp_p
     assert [r.name for r in from_file] == [r.name for r in from_demo] and len(from_file) == 30
     for a, b in zip(from_file, from_demo):
         assert a.config.to_dict() == b.config.to_dict(), a.name
+
+
+def test_slurm_settings_are_validated(tmp_path):
+    def slurm(settings, **changes):
+        return spec_from_dict(sweep_tree(tmp_path, executor={"slurm": settings}, **changes))
+
+    spec = slurm({"partition": "gpu", "time": "12:00:00", "sbatch": {"exclusive": True}})
+    assert (spec.slurm.partition, spec.slurm.time, spec.slurm.sbatch, spec.slurm.retries) == (
+        "gpu", "12:00:00", {"exclusive": True}, 2)
+    assert spec_from_dict(spec.to_dict()).slurm == spec.slurm  # saved as sweep.yaml and read back
+    assert spec_from_dict(sweep_tree(tmp_path)).slurm is None and slurm(None).slurm.nodes == 1
+    # the GPUs asked of Slurm say how many processes a run has, unless num_gpus says so itself
+    assert slurm({"gpus_per_run": 8, "nodes": 2}).num_gpus == 16 and slurm({"gpus_per_run": 1}).num_gpus == 1
+    assert slurm({"nodes": 2}, num_gpus=16).slurm.gpus_per_run is None
+    for settings, changes, message in [
+        ({"partion": "gpu"}, {}, "executor.slurm: unknown key 'partion' (valid keys: partition, gpus_per_run"),
+        ({"gpus_per_run": 4}, {"num_gpus": 2}, "executor.slurm.gpus_per_run 4: a run has num_gpus 2 process(es)"),
+        ({"nodes": 3}, {"num_gpus": 8}, "executor.slurm.nodes 3: num_gpus 8 (the processes of a run) must be a "
+                                        "multiple of the nodes"),
+        ({"retries": -1}, {}, "executor.slurm.retries: -1 must be at least 0"),
+        ({"cpus_per_gpu": "many"}, {}, "executor.slurm.cpus_per_gpu: expected a number"),
+        ({"sbatch": ["--exclusive"]}, {}, "executor.slurm.sbatch: expected a mapping"),
+        ({"time": True}, {}, "executor.slurm.time: expected minutes or D-HH:MM:SS"),
+    ]:
+        with pytest.raises(SweepError, match=re.escape(message)):
+            slurm(settings, **changes)
+    with pytest.raises(SweepError, match=re.escape("executor: expected {slurm: {...}}")):
+        spec_from_dict(sweep_tree(tmp_path, executor={"pbs": {}}))

@@ -357,10 +357,14 @@ def test_real_finetune_stage_runs_after_its_sources(tmp_path, dataset_dir):
     path.write_text(yaml.safe_dump(tree))
     assert sweep_main(["sweep", str(path), "--quiet"]) == 0
     entries = json.load(open(tmp_path / "sweep" / "manifest.json"))["runs"]
+    runs_dir = tmp_path / "sweep" / "runs"
     for source in ("100k_f0_s0", "100k_f0.5_E4_uniform_s0"):
         ft = entries[source + "_ft"]
         assert ft["state"] == "done" and ft["started"] >= entries[source]["finished"]
-        assert ft["pack"] == [source + "_ft"]  # fine-tunes train one per process
+        assert ft["pack"] == ["100k_f0_s0_ft", "100k_f0.5_E4_uniform_s0_ft"]  # packed like any runs
+        # it starts from its source's weights, not from a fresh init: its first logged loss is far lower
+        first = [json.loads(open(runs_dir / name / "metrics.jsonl").readline())["loss"] for name in (source, source + "_ft")]
+        assert first[1] < first[0] - 0.5
     report = analyze(str(tmp_path / "sweep"), bootstrap=0)
     ft = next(r for r in report.runs if r.name == "100k_f0.5_E4_uniform_s0_ft")
     assert (ft.stage, ft.source, ft.repeat_count, ft.tokens) == ("finetune", "100k_f0.5_E4_uniform_s0", 4, 10 * 4 * 32)

@@ -150,3 +150,38 @@ def test_dry_run_prints_the_plan(tmp_path, dataset, capsys):
     # the second dry run reads the stored table instead of measuring again
     assert sweep_main(["sweep", sweep_file, "--dry-run"]) == 0
     assert "throughput: table (3 timed steps on cpu)" in capsys.readouterr().out
+
+
+def test_signalled_trainer_is_queued_again(tmp_path, dataset):
+    # A trainer signalled behind the sweep's back stops at a checkpoint (exit 75): the runner queues it again
+    # instead of failing it, and it resumes where it stopped.
+    sweep_file = write_sweep(tmp_path, dataset)
+    tree = yaml.safe_load(open(sweep_file))
+    tree["grid"]["repeated_fraction"] = [0.0]  # one run: the baseline
+    sweep_file = str(tmp_path / "baseline.yaml")
+    (tmp_path / "baseline.yaml").write_text(yaml.safe_dump(tree))
+    first = "100k_f0_s0"
+    run_dir = tmp_path / "sweep" / "runs" / first
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "fasttrain.sweep", "sweep", sweep_file], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        def trainer_at_step_30():
+            entry = manifest(tmp_path).get(first, {}) if (tmp_path / "sweep" / "manifest.json").exists() else {}
+            lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+            return entry.get("pid") if lines and json.loads(lines[-1]).get("step", 0) >= 30 else None
+
+        os.kill(wait_for(trainer_at_step_30, 240, "the first run's trainer at step 30"), signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert re.search(rf"{first}: stopped at a checkpoint \(step \d+, exit status 75\); queued again to resume", out)
+    after = manifest(tmp_path)
+    assert {e["state"] for e in after.values()} == {"done"} and after[first]["attempts"] == 2
+    second_attempt = (run_dir / "train.log").read_text().split("\n# ")[-1]
+    assert int(re.search(r"step (\d+)/", second_attempt).group(1)) > 30
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(10, STEPS + 1, 10))

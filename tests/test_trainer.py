@@ -2,20 +2,24 @@
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
 from collections import Counter
 
 import pytest
+import torch
 import yaml
 
 from fasttrain.config import ConfigError, load_config
 from fasttrain.data import open_dataset
-from fasttrain.train.checkpoint import list_checkpoints
-from fasttrain.train.loop import lr_at, run_steps
-from fasttrain.train.trainer import train
+from fasttrain.checkpoint.files import list_checkpoints
+from fasttrain.optim import lr_at
+from fasttrain.train.engine import Engine
+from fasttrain.train.trainer import Run, train
+from run_output import printed_steps
+
+CLI_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cli_worker.py")
 
 
 
@@ -54,35 +58,59 @@ def test_lr_schedule():
     assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 99))
 
 
-def test_run_steps_schedules_logs_evaluations_and_checkpoints():
-    # The one loop of every trainer: which steps log, evaluate and checkpoint, with which learning rate, and
-    # a throughput clock that leaves evaluation and checkpoint time out.
-    cfg = load_config(None, ["--model.preset", "100k", "--train.steps", "10", "--train.log_every", "4",
-                             "--train.eval_every", "5", "--train.checkpoint_every", "3",
-                             "--train.checkpoint_log_spaced", "true", "--optim.warmup_steps", "2"])
+class ScriptedEngine(Engine):
+    """An engine that trains nothing and records what the run lifecycle asks of it."""
+
     calls = []
 
-    def step(lr, logging):
-        calls.append(("step", lr, logging))
-        return len(calls), None
+    def newest_step(self):
+        return 2
 
-    def log(done, lr, loss, grad_norm, steps_timed, elapsed):
-        calls.append(("log", done, steps_timed))
-        assert lr == lr_at(done - 1, cfg) and elapsed < 0.05  # the evaluations' sleeps are not counted
+    def build(self, models, start_step):
+        self.calls.append(("build", start_step))
 
-    def evaluate(done):
+    def step(self, batches, lr, logging):
+        self.calls.append(("step", lr, logging))
+        return torch.tensor(float(len(self.calls))), torch.tensor(1.0), torch.zeros(len(batches[0]))
+
+    def read(self, loss, grad_norm, rows, repeated):
+        return [(float(loss), float(grad_norm), {})]
+
+    def evaluate(self, measure):
         time.sleep(0.05)
-        calls.append(("eval", done))
-        return {"step": done}
+        self.calls.append(("eval", measure.step))
+        return [{"test_loss": 1.0}]
 
-    summary = run_steps(cfg, 2, step, log, evaluate, lambda done: calls.append(("checkpoint", done)))
-    assert summary == {"step": 10}
+    def save(self, step):
+        self.calls.append(("checkpoint", step))
+
+    def prune(self, step, protected):
+        pass
+
+
+def test_run_schedules_logs_evaluations_and_checkpoints(dataset_dir, tmp_path):
+    # The one lifecycle of every engine: which steps log, evaluate and checkpoint, with which learning rate,
+    # and a throughput clock that leaves evaluation and checkpoint time out.
+    cfg = load_config(None, ["--model.n_layer", "1", "--model.d_model", "16", "--model.n_head", "1",
+                             "--model.context_length", "32", "--data.path", dataset_dir, "--train.steps", "10",
+                             "--train.global_batch", "2", "--train.log_every", "4", "--train.eval_every", "5",
+                             "--train.checkpoint_every", "3", "--train.checkpoint_log_spaced", "true",
+                             "--optim.warmup_steps", "2", "--train.device", "cpu", "--train.out_dir",
+                             str(tmp_path / "run")])
+    ScriptedEngine.calls = calls = []
+    (summary,) = Run([cfg], ScriptedEngine).train(resume=True)
+    assert summary["step"] == 10 and summary["test_loss"] == 1.0
+    assert calls[0] == ("build", 2)
     assert [c[1] for c in calls if c[0] == "step"] == [lr_at(s, cfg) for s in range(2, 10)]
     assert [i + 3 for i, c in enumerate(c for c in calls if c[0] == "step") if c[2]] == [4, 8, 10]
-    assert [c[1:] for c in calls if c[0] == "log"] == [(4, 2), (8, 4), (10, 2)]
-    assert [c[1] for c in calls if c[0] == "eval"] == [5, 10]
+    logged = [r for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if "loss" in r]
+    assert [r["step"] for r in logged] == [4, 8, 10]
+    tokens_per_step = 2 * 32
+    for r, steps_timed in zip(logged, (2, 4, 2)):  # the evaluations' sleeps are not counted
+        assert r["tokens_per_s"] > steps_timed * tokens_per_step / 0.05
+    # evaluations every 5 steps, at the log-spaced checkpoints (4, 8) and at the end
+    assert [c[1] for c in calls if c[0] == "eval"] == [4, 5, 8, 10]
     assert [c[1] for c in calls if c[0] == "checkpoint"] == [3, 4, 6, 8, 9, 10]
-    assert run_steps(cfg, 10, step, log, evaluate, print) is None  # nothing left to run
 
 
 def test_loss_falls_below_unigram_entropy(dataset_dir, tmp_path):
@@ -106,11 +134,13 @@ def test_micro_batching_does_not_change_the_result(dataset_dir, tmp_path):
     assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)
 
 
-def test_run_stopped_before_final_json_resumes_to_it(dataset_dir, tmp_path):
+def test_run_stopped_before_final_json_resumes_to_it(dataset_dir, tmp_path, capsys):
     cfg = load_config(_write_cfg(tmp_path, _cfg(dataset_dir, tmp_path / "run", train__steps=6)))
     summary = train(cfg)
+    assert printed_steps(capsys.readouterr().out) == list(range(1, 7))
     os.remove(tmp_path / "run" / "final.json")  # a kill between the last checkpoint and final.json
     assert train(cfg, resume=True) == summary
+    assert printed_steps(capsys.readouterr().out) == []  # evaluated again, not trained again
     assert json.load(open(tmp_path / "run" / "final.json")) == summary
 
 
@@ -137,13 +167,19 @@ def test_killed_run_resumes_to_identical_losses(dataset_dir, tmp_path):
 
     killed = tmp_path / "killed"
     cfg_path = _write_cfg(tmp_path, _cfg(dataset_dir, killed, train__checkpoint_every=4))
-    proc = subprocess.Popen([sys.executable, "-m", "fasttrain.cli", "train", "--config", cfg_path],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and not any(s >= 8 for s, _ in list_checkpoints(str(killed))):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # 0.2 s per step: the 22 steps after the step-8 checkpoint last over 4 s, so the kill lands mid-run.
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, CLI_WORKER, "train", "--config", cfg_path],
+                                env=dict(os.environ, FASTTRAIN_TEST_STEP_DELAY="0.2"), stdout=log, stderr=log)
+    try:
+        deadline = time.time() + 240
+        while not any(s >= 8 for s, _ in list_checkpoints(str(killed))):
+            assert proc.poll() is None, f"the run ended early: {(tmp_path / 'killed.log').read_text()[-3000:]}"
+            assert time.time() < deadline, "no step-8 checkpoint appeared"
+            time.sleep(0.05)
+    finally:
+        proc.kill()  # SIGKILL, mid-training
+        proc.wait()
     done_before_kill = max(s for s, _ in list_checkpoints(str(killed)))
     assert 8 <= done_before_kill < 30, "the run finished before it could be killed"
 
@@ -151,6 +187,8 @@ def test_killed_run_resumes_to_identical_losses(dataset_dir, tmp_path):
     assert again.returncode == 2 and "--resume" in again.stderr  # never silently restarts over a run
     resumed = _run_cli(["train", "--config", cfg_path, "--resume"], timeout=300)
     assert resumed.returncode == 0, resumed.stderr
+    # The resumed process ran only the steps after its checkpoint (a restart from 0 gives the same losses).
+    assert printed_steps(resumed.stdout) == list(range(done_before_kill + 1, 31)), resumed.stdout
     assert _losses(str(killed)) == expected  # bit-identical on the CPU
     assert [s for s, _ in list_checkpoints(str(killed))] == [30]  # only the latest is kept by default
 
@@ -179,15 +217,12 @@ def test_bad_runs_fail_with_one_line(dataset_dir, tmp_path, overrides, expected)
 
 
 def test_out_of_memory_fails_with_one_line(dataset_dir, tmp_path, monkeypatch, capsys):
-    import torch
-
     from fasttrain import cli
-    from fasttrain.train import trainer
 
     def out_of_memory(cfg, resume=False):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(trainer, "train", out_of_memory)
+    monkeypatch.setattr(cli, "train", out_of_memory)
     assert cli.main(["train", "--config", _write_cfg(tmp_path, _cfg(dataset_dir, tmp_path / "run"))]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: out of GPU memory: lower train.micro_batch")

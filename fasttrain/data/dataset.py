@@ -6,12 +6,18 @@ Folder layout (written by `fasttrain prepare`):
     train.bin/.idx     GPT-NeoX/Megatron MMapIndexedDataset, one sequence per document, each ending in EOT
     test.bin/.idx      the held-out documents (absent when prepared with test_fraction = 0)
 
+A dataset registered with `fasttrain prepare --from-indexed` (external.py) has no token files of its own:
+its manifest names existing .bin/.idx files by absolute path, and each split is a range of their
+documents (`prefix`, `document_range`). The tokenizer.json is copied into the folder.
+
 Verification (`open_dataset(path, verify=True)`): every file must exist with the byte size the manifest
-records and the .idx files must agree with their .bin files; that is always checked and costs nothing.
-Then each file's sha256 is compared with the manifest. Hashing reads every byte once (about 1 GB/s), so
-a successful check is remembered in `.verified.json` beside the files, keyed on each file's (size,
-modification time): later opens of an unchanged folder skip the hashing. `verify="full"` ignores that
-record; `verify=False` keeps only the size and structure checks.
+records and the .idx files must agree with their .bin files (header, file sizes, document counts, token
+counts); that is always checked and costs nothing. Then each file's sha256 is compared with the manifest,
+for every file whose manifest entry has one (registered external files have one only when registered with
+--hash). Hashing reads every byte once (about 1 GB/s), so a successful check is remembered in
+`.verified.json` beside the files, keyed on each file's (size, modification time): later opens of an
+unchanged folder skip the hashing. `verify="full"` ignores that record; `verify=False` keeps only the size
+and structure checks.
 
 Training windows: a split's .bin is one flat token array (documents back to back, each ending in EOT).
 Window j is tokens [j * (seq_len + 1), (j + 1) * (seq_len + 1)): consecutive and non-overlapping, crossing
@@ -76,7 +82,7 @@ class PreparedDataset:
             )
             raise MissingSplitError(f"{self.path}: the dataset has {why} '{name}' split; {hint}")
         if name not in self._splits:
-            self._splits[name] = IndexedDataset(os.path.join(self.path, name))
+            self._splits[name] = open_split(self.path, name, info)
         return self._splits[name]
 
     @property
@@ -128,6 +134,20 @@ def _load_manifest(path):
     return manifest
 
 
+def open_split(path, name, info):
+    """A split's IndexedDataset: the folder's own <name>.bin/.idx, or a document range of registered files."""
+    if "prefix" not in info:
+        return IndexedDataset(os.path.join(path, name))
+    start, stop = info["document_range"]
+    whole = IndexedDataset(info["prefix"])
+    if stop > whole.num_documents:
+        raise IndexedDatasetError(
+            f"{whole.idx_path}: {whole.num_documents} documents, but the manifest's '{name}' split needs "
+            f"documents {start} to {stop}"
+        )
+    return whole.document_range(start, stop)
+
+
 def _read_verified_record(path):
     try:
         with open(os.path.join(path, VERIFIED_RECORD)) as f:
@@ -173,7 +193,7 @@ def open_dataset(path, verify=True):
     dataset = PreparedDataset(path, manifest)
     for split, info in manifest["splits"].items():
         try:
-            ds = IndexedDataset(os.path.join(path, split))
+            ds = open_split(path, split, info)
         except IndexedDatasetError as e:
             raise DatasetError(f"{e}; {_rebuild_hint()}") from None
         if ds.dtype != dataset.dtype or ds.num_tokens != info["tokens"] or ds.num_documents != info["documents"]:
@@ -188,7 +208,7 @@ def open_dataset(path, verify=True):
         changed = False
         for name, info in files.items():
             entry = record.get(name)
-            if entry and entry[:2] == stats[name] and entry[2] == info["sha256"]:
+            if info.get("sha256") is None or (entry and entry[:2] == stats[name] and entry[2] == info["sha256"]):
                 continue
             digest = file_sha256(os.path.join(path, name))
             if digest != info["sha256"]:

@@ -9,6 +9,7 @@ Layout (little-endian):
 Files written here hold one sequence per document (doc_idx = 0..N), like GPT-NeoX's preprocess_data.py,
 so existing tooling reads them; files written by that tooling are read here.
 """
+import copy
 import hashlib
 import os
 import struct
@@ -79,10 +80,15 @@ class IndexedDataset:
 
     `ds[i]` is the token array of sequence i (a view into the mapped .bin), `ds.tokens` the whole .bin as
     one flat token array (sequences are contiguous, so the training stream can cut windows across them).
+    `ds.document_range(a, b)` is documents a..b-1 as a dataset of their own, a view: nothing is copied.
     """
 
     def __init__(self, prefix):
         self.prefix = os.fspath(prefix)
+        # Where this dataset starts in its files: non-zero in a document_range view.
+        self.token_offset = 0
+        self.first_sequence = 0
+        self.first_document = 0
         self.bin_path, self.idx_path = _paths(self.prefix)
         self.dtype, n, m = read_index_header(self.idx_path)
         self._idx = np.memmap(self.idx_path, dtype=np.uint8, mode="r") if n + m else None
@@ -130,15 +136,43 @@ class IndexedDataset:
             i += n
         if not 0 <= i < n:
             raise IndexError(f"sequence {i} out of range for {n} sequences")
-        start = int(self.pointers[i]) // self.dtype.itemsize
+        start = int(self.pointers[i]) // self.dtype.itemsize - self.token_offset
         return self.tokens[start : start + int(self.sizes[i])]
 
     @property
     def num_documents(self):
         return max(len(self.doc_idx) - 1, 0)
 
+    def document_range(self, start, stop):
+        """Documents start..stop-1 (by doc_idx, so a document of several sequences stays whole) as an
+        IndexedDataset over the same mapped files: .tokens, .sizes, .pointers and .doc_idx are views (the
+        pointers and doc_idx keep their values in the whole file). Needs contiguous sequences
+        (check_contiguous)."""
+        if not 0 <= start <= stop <= self.num_documents:
+            raise IndexError(f"documents [{start}, {stop}) outside the {self.num_documents} documents of {self.prefix}")
+        first_seq = int(self.doc_idx[start]) - self.first_sequence  # doc_idx holds sequence numbers of the file
+        end_seq = int(self.doc_idx[stop]) - self.first_sequence
+        t0, t1 = self._token_index(first_seq), self._token_index(end_seq)
+        view = copy.copy(self)
+        view.sizes = self.sizes[first_seq:end_seq]
+        view.pointers = self.pointers[first_seq:end_seq]
+        view.doc_idx = self.doc_idx[start : stop + 1]
+        view.tokens = self.tokens[t0 - self.token_offset : t1 - self.token_offset]
+        view.num_tokens = t1 - t0
+        view.token_offset = t0
+        view.first_sequence = self.first_sequence + first_seq
+        view.first_document = self.first_document + start
+        return view
+
+    def _token_index(self, sequence):
+        """Position in the .bin, in tokens, where this dataset's sequence starts (its end for len(self))."""
+        if sequence < len(self.sizes):
+            return int(self.pointers[sequence]) // self.dtype.itemsize
+        return self.token_offset + self.num_tokens
+
     def check_contiguous(self, chunk=1 << 22):
-        """Raise unless the sequences tile the .bin back to back (pointers == cumulative sizes)."""
+        """Raise unless the sequences tile the .bin back to back (pointers == cumulative sizes) and doc_idx
+        covers them in order (a whole file, not a document_range view)."""
         n = len(self.sizes)
         expected_next = 0
         for start in range(0, n, chunk):
@@ -153,11 +187,48 @@ class IndexedDataset:
                     f"{int(expected[bad[0]])}: the sequences do not tile the .bin back to back"
                 )
             expected_next = int(expected[-1] + sizes[-1])
-        if n and self.doc_idx[0] != 0:
-            raise IndexedDatasetError(f"{self.idx_path}: doc_idx must start with 0")
+        doc_idx = self.doc_idx
+        if len(doc_idx) and (doc_idx[0] != 0 or doc_idx[-1] != n):
+            raise IndexedDatasetError(
+                f"{self.idx_path}: doc_idx runs from {int(doc_idx[0])} to {int(doc_idx[-1])}, but documents must "
+                f"cover the {n} sequences from 0 to {n}"
+            )
+        for start in range(0, len(doc_idx), chunk):
+            if np.any(np.diff(doc_idx[max(start - 1, 0) : start + chunk]) < 0):
+                raise IndexedDatasetError(f"{self.idx_path}: doc_idx is not in increasing order")
 
     def __repr__(self):
         return f"IndexedDataset({self.prefix!r}, sequences={len(self)}, tokens={self.num_tokens}, dtype={self.dtype})"
+
+
+def scan_tokens(bin_path, dtype, with_sha256=False, chunk_bytes=1 << 26, progress=False):
+    """One sequential read of a .bin: (smallest id, largest id, sha256 hex digest or None). Memory: one chunk."""
+    dtype = np.dtype(dtype).newbyteorder("<")
+    chunk_bytes -= chunk_bytes % dtype.itemsize
+    total = os.path.getsize(bin_path)
+    low, high = None, None
+    sha256 = hashlib.sha256() if with_sha256 else None
+    bar = None
+    if progress:
+        import sys
+
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="reading " + os.path.basename(bin_path), unit="B", unit_scale=True,
+                   file=sys.stderr, mininterval=1.0)
+    with open(bin_path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            if sha256 is not None:
+                sha256.update(chunk)
+            tokens = np.frombuffer(chunk, dtype=dtype, count=len(chunk) // dtype.itemsize)
+            if tokens.size:
+                low = int(tokens.min()) if low is None else min(low, int(tokens.min()))
+                high = int(tokens.max()) if high is None else max(high, int(tokens.max()))
+            if bar is not None:
+                bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    return low, high, (sha256.hexdigest() if sha256 is not None else None)
 
 
 class _HashingWriter:

@@ -142,14 +142,14 @@ def prepare_dataset(
             tmp_dir, documents, vocab_size, test_fraction, tokenizer_file, seed, batch_docs, progress, source,
             tokenizer_sample_chars,
         )
-        _move_into_place(tmp_dir, out_dir, overwrite)
+        move_into_place(tmp_dir, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return manifest
 
 
-def _move_into_place(tmp_dir, out_dir, overwrite):
+def move_into_place(tmp_dir, out_dir, overwrite):
     if os.path.exists(out_dir):
         if not overwrite:
             raise FileExistsError(f"{out_dir} appeared while preparing; pass --overwrite to replace it")

@@ -12,7 +12,9 @@ import threading
 import numpy as np
 import torch
 
-from .dataset import num_windows, read_windows
+from fasttrain.config import ConfigError
+
+from .dataset import num_windows, open_dataset, read_windows
 from .schedule import RepetitionSchedule
 
 
@@ -58,7 +60,7 @@ class TrainingStream:
         """The stream a run config describes: cfg.data.*, over cfg.train.steps global batches."""
         return cls(
             dataset,
-            seq_len=cfg.data.seq_len or cfg.model.context_length,
+            seq_len=cfg.data.seq_len,
             num_sequences=cfg.train.steps * cfg.train.global_batch,
             repeated_fraction=cfg.data.repeated_fraction,
             repeat_count=cfg.data.repeat_count,
@@ -113,9 +115,11 @@ class TrainingStream:
         """This rank's share of global batch `step`: torch.int64 (global_batch // world_size, seq_len + 1)."""
         return self.read_positions(self.rank_positions(step, global_batch, rank, world_size))
 
-    def iter_batches(self, start_step, num_steps, global_batch, rank=0, world_size=1, prefetch=2):
+    def iter_batches(self, start_step, num_steps, global_batch, rank=0, world_size=1, prefetch=2,
+                     with_repeated=False):
         """Yield the batches of steps start_step .. start_step + num_steps - 1, exactly as batch() returns
-        them, in that order.
+        them, in that order; with_repeated: (batch, is_repeated), the second a numpy bool per sequence
+        (from the same schedule lookup, at no extra cost).
 
         The schedule is evaluated for many steps at a time (lookup_block sequences), which makes this
         cheaper per batch than batch(). prefetch >= 1 reads ahead in a background thread, holding at most
@@ -129,10 +133,10 @@ class TrainingStream:
             self.global_batch_positions(start_step + num_steps - 1, global_batch)
         steps = range(start_step, start_step + num_steps)
         if prefetch < 1:
-            return self._read_steps(steps, global_batch, rank, world_size)
-        return self._prefetching(steps, global_batch, rank, world_size, prefetch)
+            return self._read_steps(steps, global_batch, rank, world_size, with_repeated)
+        return self._prefetching(steps, global_batch, rank, world_size, prefetch, with_repeated)
 
-    def _read_steps(self, steps, global_batch, rank, world_size):
+    def _read_steps(self, steps, global_batch, rank, world_size, with_repeated=False):
         """Batches of consecutive steps. The schedule is evaluated for many steps at once (about
         lookup_block sequences): the same pure function, with its fixed numpy cost paid once per block."""
         per_rank = global_batch // world_size
@@ -141,17 +145,19 @@ class TrainingStream:
         for first in range(steps.start, steps.stop, steps_per_block):
             count = min(steps_per_block, steps.stop - first)
             positions = (first + np.arange(count, dtype=np.int64))[:, None] * global_batch + offsets[None, :]
-            window_ids = self.schedule.window_ids(positions.reshape(-1)).reshape(count, per_rank)
+            window_ids, repeated, _ = self.schedule.lookup(positions.reshape(-1), with_pass=False)
+            window_ids, repeated = window_ids.reshape(count, per_rank), repeated.reshape(count, per_rank)
             for k in range(count):
-                yield self.read_windows(window_ids[k])
+                batch = self.read_windows(window_ids[k])
+                yield (batch, repeated[k]) if with_repeated else batch
 
-    def _prefetching(self, steps, global_batch, rank, world_size, prefetch):
+    def _prefetching(self, steps, global_batch, rank, world_size, prefetch, with_repeated):
         slots = queue.Queue(maxsize=prefetch)
         stop = threading.Event()
 
         def produce():
             try:
-                for item in self._read_steps(steps, global_batch, rank, world_size):
+                for item in self._read_steps(steps, global_batch, rank, world_size, with_repeated):
                     while not stop.is_set():
                         try:
                             slots.put(item, timeout=0.1)
@@ -198,10 +204,6 @@ class TrainingStream:
 
 def open_training_stream(cfg, verify=True, pin_memory=None):
     """(dataset, stream) for a run config: opens (and verifies) cfg.data.path, builds the schedule."""
-    from fasttrain.config import ConfigError
-
-    from .dataset import open_dataset
-
     if not cfg.data.path:
         raise ConfigError("data.path: not set (prepare a dataset with `fasttrain prepare` and point data.path to it)")
     dataset = open_dataset(cfg.data.path, verify=verify)

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import os
 
-from fasttrain.eval.run import ALL_METRICS
+import torch
+
+from fasttrain.checkpoint.deepspeed import export_consolidated
+from fasttrain.checkpoint.files import resolve_checkpoint
+from fasttrain.eval.export import export_checkpoint
+from fasttrain.eval.run import ALL_METRICS, evaluate_checkpoint, format_table, parse_metrics
 
 
 def cmd_eval(args) -> None:
-    from fasttrain.eval.run import evaluate_checkpoint, format_table, parse_metrics, resolve_checkpoint
-
     parse_metrics(args.metrics)  # a typo fails before any model is loaded
     # Several runs in one process: the interpreter, CUDA context and tuned kernels are paid for once.
     several = len(args.checkpoint) > 1
@@ -36,10 +39,13 @@ def cmd_eval(args) -> None:
 
 
 def cmd_export(args) -> None:
-    import torch
-
-    from fasttrain.eval.export import export_checkpoint
-
+    if bool(args.hf) == bool(args.pt):
+        raise ValueError("export: give one of --hf OUT_DIR (a Hugging Face model) or --pt OUT.pt (a DeepSpeed "
+                         "checkpoint as one plain checkpoint file)")
+    if args.pt:
+        out = export_consolidated(args.checkpoint, args.pt, args.dtype, False if args.no_optimizer else None)
+        print(f"wrote {out} (a plain checkpoint: fasttrain eval, export and load_model read it)")
+        return
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     out = export_checkpoint(args.checkpoint, args.hf, dataset_path=args.dataset, config=args.config, dtype=dtype)
     print(f"wrote a Hugging Face model and tokenizer to {out} (load with AutoModelForCausalLM.from_pretrained)")
@@ -65,12 +71,17 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_eval)
 
     p = subparsers.add_parser(
-        "export", help="export a checkpoint to a Hugging Face model folder (needs transformers)",
-        description="Write config.json, model.safetensors and the tokenizer so that "
-                    "AutoModelForCausalLM/AutoTokenizer.from_pretrained(OUT_DIR) load offline.",
+        "export", help="export a checkpoint to a Hugging Face model folder (needs transformers), or a DeepSpeed "
+                       "checkpoint to one plain checkpoint file",
+        description="--hf: write config.json, model.safetensors and the tokenizer so that "
+                    "AutoModelForCausalLM/AutoTokenizer.from_pretrained(OUT_DIR) load offline. --pt: write a "
+                    "DeepSpeed checkpoint (a run folder, its ds_checkpoints folder or one step_XXXXXXX folder) as "
+                    "one plain checkpoint file (fp32 with the optimizer state, so the plain trainer resumes from it).",
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN")
-    p.add_argument("--hf", required=True, metavar="OUT_DIR", help="output folder")
+    p.add_argument("--hf", metavar="OUT_DIR", help="Hugging Face output folder")
+    p.add_argument("--pt", metavar="OUT.pt", help="plain checkpoint file from a DeepSpeed checkpoint")
+    p.add_argument("--no-optimizer", action="store_true", help="--pt: weights only (fp32 exports include the optimizer)")
     p.add_argument("--dataset", help="dataset folder whose tokenizer to export (default: the run's data.path)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weight precision (default fp32)")
     p.add_argument("--config", help="config to load the checkpoint with (default: the one saved with it)")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fasttrain.eval.common import count_windows, evenly_spaced, read_windows, special_token_ids, token_losses
+from fasttrain.measure.windows import count_windows, evenly_spaced, read_windows, special_token_ids, token_losses
 
 
 def copy_sequences(passages: np.ndarray, start_id: int, copies: int = 2) -> np.ndarray:

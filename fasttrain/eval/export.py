@@ -17,6 +17,8 @@ import os
 
 import torch
 
+from fasttrain.checkpoint.model import load_checkpoint
+from fasttrain.data.dataset import open_dataset
 from fasttrain.model import GPT
 
 _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -98,9 +100,6 @@ def export_hf(model: GPT, out_dir: str, tokenizer=None, eot_id: int | None = Non
 def export_checkpoint(path: str, out_dir: str, dataset_path: str | None = None, config=None,
                       dtype: torch.dtype = torch.float32) -> str:
     """A checkpoint (.pt or run folder) -> a Hugging Face folder with the dataset's tokenizer."""
-    from fasttrain.data.dataset import open_dataset
-    from fasttrain.eval.run import load_checkpoint
-
     _transformers()  # fail before loading anything large
     loaded = load_checkpoint(path, "cpu", config)
     dataset_path = dataset_path or loaded.config.data.path

@@ -1,16 +1,16 @@
 """Evaluate a model or a checkpoint: every metric of the repeated-data paper in one JSON document.
 
-    model, cfg = load_model("runs/demo")                 # newest checkpoint of a run folder (or a .pt file)
+    model, cfg = load_model("runs/demo")                 # fasttrain.checkpoint: newest checkpoint of a run
     results = evaluate(model, dataset, cfg, step=1000)   # flat dict of numbers, see below
     doc, path = evaluate_checkpoint("runs/demo")         # writes checkpoints/eval_step_0001000.json
 
 Metrics (names for `metrics=` / `--metrics`), each defined in its module's docstring:
-    test       held-out loss, nats/token and bits/byte (fasttrain.eval.loss)
-    repeated   loss on the repeated subset, and how often it was seen (fasttrain.eval.memorization)
-    seen       loss on unique training windows already trained on (fasttrain.eval.memorization)
+    test       held-out loss, nats/token and bits/byte (fasttrain.measure.loss)
+    repeated   loss on the repeated subset, and how often it was seen (fasttrain.measure.loss)
+    seen       loss on unique training windows already trained on (fasttrain.measure.loss)
     copying    loss on the 2nd occurrence of a passage against the 1st, text and random (fasttrain.eval.copying)
-    induction  prefix-matching score of every head (fasttrain.eval.induction)
-    icl        in-context-learning score, loss at token 500 minus at token 50 (fasttrain.eval.induction)
+    induction  prefix-matching score of every head (fasttrain.measure.prefix_matching)
+    icl        in-context-learning score, loss at token 500 minus at token 50 (fasttrain.eval.icl)
 
 Budgets: `tokens` (default train.eval_tokens) is the number of predicted tokens for each of test,
 repeated and seen; it also sets the number of icl contexts (tokens // 500, at least 16) and of copying
@@ -24,174 +24,24 @@ cannot run is an error.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
-import sys
 import time
-from dataclasses import dataclass
 
 import torch
 
-from fasttrain.config import Config, ConfigError, config_from_dict, load_config, seq_len
+from fasttrain.checkpoint.files import write_json_atomic
+from fasttrain.checkpoint.model import load_checkpoint
+from fasttrain.config import Config
+from fasttrain.data.dataset import open_dataset
+from fasttrain.device import autocast, autocast_dtype, resolve_device
+from fasttrain.eval.copying import copying_scores, max_copy_length
+from fasttrain.eval.icl import icl_score
+from fasttrain.measure.loss import heldout_loss, repeated_subset_loss, seen_unique_loss, training_schedule
+from fasttrain.measure.prefix_matching import induction_scores
+from fasttrain.measure.windows import token_byte_lengths
 from fasttrain.model import GPT
-from fasttrain.train.metrics import write_json_atomic
 
 ALL_METRICS = ("test", "repeated", "seen", "copying", "induction", "icl")
-_STRIP_PREFIXES = ("module.", "_orig_mod.")  # DeepSpeed / DDP wrappers, torch.compile
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, or does not match the config it is loaded with."""
-
-
-# ---- loading ---------------------------------------------------------------------------------------
-@dataclass
-class LoadedCheckpoint:
-    model: GPT
-    config: Config
-    step: int | None
-    path: str
-
-
-def resolve_checkpoint(path: str) -> list[str]:
-    """A .pt file -> [it]; a run folder (or its checkpoints/ folder) -> its checkpoints, newest first."""
-    from fasttrain.train.checkpoint import list_checkpoints
-
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file or run folder")
-    if not os.path.isdir(path):
-        return [path]
-    found = list_checkpoints(path) or list_checkpoints(os.path.dirname(os.path.abspath(path)))
-    if not found:
-        raise FileNotFoundError(f"{path}: holds no checkpoints (expected {os.path.join(path, 'checkpoints')}"
-                                "/step_*.pt); train it first or pass a .pt file")
-    return [p for _, p in reversed(found)]
-
-
-def read_checkpoint(path: str) -> dict:
-    """The checkpoint's contents, on the CPU; a raw state dict (e.g. a DeepSpeed fp32 export) is wrapped."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                              "the file is truncated or is not a PyTorch checkpoint") from None
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{path}: holds a {type(ckpt).__name__}, not a fasttrain checkpoint (a dict with 'model')")
-    if "model" not in ckpt:
-        if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-            ckpt = {"model": ckpt}
-        else:
-            raise CheckpointError(f"{path}: has no 'model' entry (keys: {', '.join(map(str, list(ckpt)[:8]))}); "
-                                  "not a fasttrain checkpoint")
-    state = {}
-    for key, value in ckpt["model"].items():
-        for prefix in _STRIP_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        state[key] = value
-    ckpt["model"] = state
-    return ckpt
-
-
-def _run_config_for(path: str) -> dict | None:
-    """config.yaml of the run folder a checkpoint file lives in (run/checkpoints/step_*.pt)."""
-    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    config_path = os.path.join(run_dir, "config.yaml")
-    if not os.path.exists(config_path):
-        return None
-    import yaml
-
-    with open(config_path) as f:
-        return yaml.safe_load(f)
-
-
-_SHAPE_KEYS = ("n_layer", "d_model", "n_head", "context_length", "vocab_size")
-
-
-def _describe(cfg: Config, vocab_size: int) -> str:
-    m = cfg.model
-    return (f"n_layer={m.n_layer}, d_model={m.d_model}, n_head={m.n_head}, context_length={m.context_length}, "
-            f"vocab_size={vocab_size}")
-
-
-def load_checkpoint(path: str, device="cpu", config: Config | str | None = None) -> LoadedCheckpoint:
-    """Load a checkpoint (.pt file, or a run folder -> its newest readable checkpoint) into a GPT.
-
-    The config comes from `config` (a Config, a YAML/JSON file or a run folder) when given, else from the
-    checkpoint, else from the run folder's config.yaml. The model is built with the reference torch
-    attention (the same function as the other backends) and the configured loss on a GPU (torch on a CPU),
-    and put in eval mode on `device`."""
-    candidates = resolve_checkpoint(path)
-    ckpt, chosen, errors = None, None, []
-    for candidate in candidates:
-        try:
-            ckpt, chosen = read_checkpoint(candidate), candidate
-            break
-        except CheckpointError as e:
-            if len(candidates) == 1:
-                raise
-            errors.append(str(e))
-            print(f"warning: skipping unreadable checkpoint {candidate}", file=sys.stderr)
-    if ckpt is None:
-        raise CheckpointError(f"{path}: no readable checkpoint ({errors[0]})")
-
-    saved_tree = ckpt.get("config") or _run_config_for(chosen)
-    if config is not None:
-        cfg = config if isinstance(config, Config) else load_config(config)
-    elif saved_tree is not None:
-        try:
-            cfg = config_from_dict(saved_tree)
-        except ConfigError as e:
-            raise CheckpointError(f"{chosen}: its saved config is not valid here ({e})") from None
-    else:
-        raise CheckpointError(f"{chosen}: holds no config and no config.yaml lies in its run folder; pass the "
-                              "run's config (--config)")
-
-    state = ckpt["model"]
-    wte = state.get("wte.weight")
-    vocab = cfg.model.vocab_size or ckpt.get("vocab_size") or (wte.shape[0] if wte is not None else None)
-    if config is not None and saved_tree is not None:  # n_head changes no shape: compare the configs themselves
-        try:
-            saved = config_from_dict(saved_tree)
-        except ConfigError as e:
-            raise CheckpointError(f"{chosen}: its saved config is not valid here ({e})") from None
-        for key in _SHAPE_KEYS[:-1]:
-            mine, theirs = getattr(cfg.model, key), getattr(saved.model, key)
-            if mine != theirs:
-                raise CheckpointError(f"{chosen} was trained with model.{key}={theirs}, the config given has "
-                                      f"model.{key}={mine}: load it with the config it was trained with")
-    # SDPA attention everywhere (flash-attn may be absent); the fused loss only on a GPU, where it saves
-    # the logits' memory (under the CPU interpreter it would be slow).
-    on_gpu = torch.device(device).type == "cuda"
-    model_cfg = dataclasses.replace(cfg.model, attention="torch", loss=cfg.model.loss if on_gpu else "torch",
-                                    dropout=0.0)
-    with torch.device("meta"):  # no random init: every parameter comes from the checkpoint
-        model = GPT.from_config(model_cfg, vocab)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if wrong:
-        k = wrong[0]
-        raise CheckpointError(f"{chosen} does not match the config ({_describe(cfg, vocab)}): {k} has shape "
-                              f"{tuple(state[k].shape)} in the checkpoint but {tuple(expected[k].shape)} in the model; "
-                              "load it with the config it was trained with")
-    if missing or unexpected:
-        what = f"lacks {missing[0]}" if missing else f"has an unknown entry {unexpected[0]}"
-        raise CheckpointError(f"{chosen} {what} ({len(missing)} missing, {len(unexpected)} unknown): not a "
-                              f"checkpoint of this model ({_describe(cfg, vocab)})")
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}  # bf16 exports too
-    model.load_state_dict(state, assign=True)
-    model.to(device).eval()
-    step = ckpt.get("step")
-    return LoadedCheckpoint(model=model, config=cfg, step=int(step) if step is not None else None, path=chosen)
-
-
-def load_model(path: str, device="cpu") -> tuple[GPT, Config]:
-    """(model in eval mode, its Config) from a checkpoint .pt file or a run folder (its newest checkpoint)."""
-    loaded = load_checkpoint(path, device)
-    return loaded.model, loaded.config
 
 
 # ---- evaluating ------------------------------------------------------------------------------------
@@ -220,22 +70,15 @@ def evaluate(model: GPT, dataset, cfg: Config, metrics=None, tokens: int | None 
     Returns a flat dict: test_*, repeated_*, seen_unique_*, copy_*, induction_*, icl_* (see each module),
     eval_seconds, and "skipped" ({metric: reason}) when a default metric did not apply. Leaves the model
     in eval mode."""
-    from fasttrain.eval.common import token_byte_lengths
-    from fasttrain.eval.copying import copying_scores, max_copy_length
-    from fasttrain.eval.induction import icl_score, induction_scores
-    from fasttrain.eval.loss import heldout_loss
-    from fasttrain.eval.memorization import repeated_subset_loss, seen_unique_loss, training_schedule
-    from fasttrain.train.device import autocast, autocast_dtype
-
     names, explicit = parse_metrics(metrics)
     t0 = time.time()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     amp = autocast_dtype(precision or cfg.train.precision, device)
-    T = seq_len(cfg)
+    T = cfg.data.seq_len
     tokens = int(tokens if tokens is not None else cfg.train.eval_tokens)
     if tokens < 1:
         raise ValueError(f"evaluation token budget {tokens}: must be at least 1")
-    batch_size = int(batch_size or cfg.train.micro_batch or cfg.train.global_batch)
+    batch_size = int(batch_size or cfg.train.micro_batch)
     step = cfg.train.steps if step is None else int(step)
     trained = step * cfg.train.global_batch
     if dataset.vocab_size > model.vocab_size:
@@ -297,9 +140,6 @@ def default_output_path(checkpoint_path: str) -> str:
 def evaluate_checkpoint(path: str, dataset_path: str | None = None, metrics=None, tokens: int | None = None,
                         out: str | None = None, device=None, config=None, write: bool = True) -> tuple[dict, str]:
     """Load a checkpoint (file or run folder), evaluate it, write the JSON document; returns (doc, path)."""
-    from fasttrain.data.dataset import open_dataset
-    from fasttrain.train.device import resolve_device
-
     device = resolve_device(device or "auto") if not isinstance(device, torch.device) else device
     loaded = load_checkpoint(path, device, config)
     cfg, model = loaded.config, loaded.model
@@ -309,7 +149,7 @@ def evaluate_checkpoint(path: str, dataset_path: str | None = None, metrics=None
     dataset = open_dataset(dataset_path)
     step = loaded.step if loaded.step is not None else cfg.train.steps
     results = evaluate(model, dataset, cfg, metrics=metrics, tokens=tokens, step=step, device=device)
-    T = seq_len(cfg)
+    T = cfg.data.seq_len
     doc = {
         "checkpoint": os.path.abspath(loaded.path),
         "step": step,

@@ -7,7 +7,8 @@
 from fasttrain.sweep.fit import (DataScalingFit, EffectiveSize, FitError, ScalingFit, effective_size, fit_baselines,
                                  fit_data_scaling_law, fit_scaling_law, params_for_loss)
 from fasttrain.sweep.grid import RunSpec, SweepError, SweepSpec, expand, load_sweep, run_name, spec_from_dict
-from fasttrain.sweep.runner import Manifest, run_sweep, train_command
+from fasttrain.sweep.manifest import Manifest
+from fasttrain.sweep.runner import run_sweep, train_command
 from fasttrain.sweep.report import analyze, load_sweep_runs, write_report
 
 __all__ = [

@@ -2,18 +2,51 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
 def cmd_sweep(args) -> None:
-    from fasttrain.sweep.grid import SweepError, load_sweep
+    from fasttrain.sweep.grid import SweepError, load_sweep, slurm_settings_from_dict
     from fasttrain.sweep.runner import run_sweep
 
     spec = load_sweep(args.sweep)
+    if args.slurm and spec.slurm is None:
+        spec.slurm = slurm_settings_from_dict({}, spec.num_gpus)
+    if args.status or args.cancel:
+        from fasttrain.sweep.slurm import cancel, format_status, sweep_status
+
+        sweep_dir = args.out or spec.out_dir
+        if args.cancel:
+            cancelled = cancel(spec, args.out)
+            print(f"cancelled {len(cancelled)} Slurm job(s){': ' + ' '.join(cancelled) if cancelled else ''}; "
+                  "their runs resume from their newest checkpoint when the sweep is submitted again")
+        runs, statuses, entries = sweep_status(spec, args.out)
+        print(format_status(runs, statuses, entries, os.path.abspath(sweep_dir)))
+        return
     if args.dry_run:
         from fasttrain.sweep.plan import format_plan, plan
 
-        print(format_plan(plan(spec, args.out, measure=not args.no_measure, pack=args.pack), jobs=args.jobs))
+        print(format_plan(plan(spec, args.out, measure=not args.no_measure, pack=args.pack, jobs=args.jobs),
+                          jobs=args.jobs))
+        return
+    if spec.slurm is None and (args.wait or args.retry_failed):
+        raise SweepError(f"--{'wait' if args.wait else 'retry-failed'}: only for sweeps on Slurm (--slurm, or "
+                         "executor.slurm in the sweep file); a sweep run here always retries its failed runs")
+    if spec.slurm is not None:
+        from fasttrain.sweep.slurm import run_slurm_sweep
+
+        try:
+            result = run_slurm_sweep(spec, args.out, pack=args.pack, wait=args.wait, retry_failed=args.retry_failed,
+                                     progress=not args.quiet)
+        except KeyboardInterrupt:
+            sys.exit(130)
+        print(f"{len(result.done)} of {len(result.runs)} runs done, {len(result.queued)} queued or running on "
+              f"Slurm in {result.sweep_dir}; follow with: fasttrain sweep {args.sweep} --status")
+        if result.failed:
+            raise SweepError(f"{len(result.failed)} run(s) failed on Slurm and are out of retries: "
+                             f"{', '.join(result.failed)} (--status says why; see their train.log or eval.log); "
+                             "fix the cause and re-run with --retry-failed")
         return
     try:
         result = run_sweep(spec, args.out, jobs=args.jobs, progress=not args.quiet, pack=args.pack)
@@ -54,13 +87,15 @@ def register(subparsers) -> None:
         "sweep", help="run a grid of models (sizes x repeated fraction x repeat count x seeds), resumably",
         description="Expand a sweep file into runs (f = 0 baselines added automatically) and train every run "
                     "not finished yet, each in its own subprocess (or up to K same-shape runs per subprocess "
-                    "with --pack K); re-run the same command after a crash or a kill to continue.",
+                    "with --pack K) on its own GPU(s), or as Slurm jobs with --slurm; re-run the same command "
+                    "after a crash or a kill to continue.",
     )
     p.add_argument("sweep", metavar="SWEEP.yaml", help="sweep file: base config, grid axes, token budget, out_dir")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (N, tokens, FLOPs, estimated time) without training")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="runs trained at once (several small runs share one GPU; default 1)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="at most this many runs (or packs) at once, each on its own GPU or GPU set (default: as "
+                        "many as the GPUs hold; 1 on a CPU)")
     p.add_argument("--pack", type=int, default=None, metavar="K",
                    help="train up to K same-shape runs together as one stacked model in one process, so that "
                         "small models fill a GPU (overrides the sweep file's pack; default 1)")
@@ -68,6 +103,15 @@ def register(subparsers) -> None:
     p.add_argument("--no-measure", action="store_true",
                    help="with --dry-run: do not time steps to estimate throughput")
     p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--slurm", action="store_true",
+                   help="submit each run (or pack) as a Slurm job (settings: executor.slurm in the sweep file); "
+                        "re-run to reconcile with Slurm and resubmit what failed or was lost")
+    p.add_argument("--wait", action="store_true",
+                   help="with Slurm: follow the jobs until every run is done or out of retries")
+    p.add_argument("--status", action="store_true", help="print every run's state (reconciled with Slurm)")
+    p.add_argument("--cancel", action="store_true", help="cancel the sweep's Slurm jobs")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="with Slurm: submit runs that are out of retries again (after fixing the cause)")
     p.set_defaults(func=cmd_sweep)
 
     p = subparsers.add_parser(
@@ -96,7 +140,7 @@ def register(subparsers) -> None:
     p.add_argument("--scale", type=int, default=1,
                    help="1: tiny models for a CPU; 2, 3, ...: larger models and more tokens for a GPU")
     p.add_argument("--jobs", type=int, default=None,
-                   help="processes at once (default: one per core up to 4 on a CPU, 4 on a GPU)")
+                   help="processes at once (default: one per core up to 4 on a CPU, one per GPU)")
     p.add_argument("--pack", type=int, default=None, metavar="K",
                    help="runs trained together as one model (default: 1 on a CPU; on a GPU, each size's runs)")
     p.add_argument("--finetune", action=argparse.BooleanOptionalAction, default=None,

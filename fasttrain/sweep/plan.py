@@ -4,8 +4,10 @@ Training speed (tokens/s) for each model shape comes from, in order of preferenc
     1. runs of this sweep that already logged steps (median tokens_per_s of their metrics.jsonl),
     2. SWEEP_DIR/throughput.json, a table kept from earlier measurements and runs on the same device,
     3. a measurement now: a few timed optimizer steps of that shape with random tokens on this machine.
-Each row says which one it used. Time = tokens / (tokens/s); with --jobs N runs share the device, so the
-wall-clock total is at best the sum divided by N.
+Each row says which one it used. Time = tokens / (tokens/s); on a CPU with --jobs N runs share the device, so
+the wall-clock total is at best the sum divided by N. On GPUs the plan places each job (a run or a pack) on its
+GPU(s) as the runner will (fasttrain/sweep/placement.py) and gives the wall time of that placement; on Slurm
+it gives each job's resources, and the wall time is the queue's to decide.
 
 With packs (pack: K or --pack K) a pack's runs train at once, so a pack takes one run's time at the speed each
 run gets inside the pack (what a packed run logs as its tokens/s). Packed speeds are kept in the table under
@@ -19,10 +21,12 @@ import statistics
 import time
 from typing import Optional
 
-from fasttrain.config import seq_len
+from fasttrain.checkpoint.files import read_json, write_json_atomic
 from fasttrain.sweep.grid import RunSpec, SweepSpec, expand
-from fasttrain.sweep.runner import MANIFEST, plan_jobs, read_json, resolve_pack
-from fasttrain.train.metrics import read_metrics, write_json_atomic
+from fasttrain.sweep.manifest import MANIFEST
+from fasttrain.sweep.placement import gpus_per_job, jobs_at_once, simulate, visible_gpus
+from fasttrain.sweep.runner import plan_jobs, resolve_pack
+from fasttrain.train.metrics import read_metrics
 
 THROUGHPUT = "throughput.json"
 MEASURE_WARMUP_STEPS = 2
@@ -41,8 +45,8 @@ def device_name(device: str = "auto") -> str:
 def shape_key(run: RunSpec, vocab_size: int, device: str, pack: int = 1) -> str:
     """The throughput table's key; pack > 1: the speed each run gets in a pack of that many."""
     m, t = run.config.model, run.config.train
-    micro = t.micro_batch or t.global_batch
-    return (f"{device}|L{m.n_layer}-d{m.d_model}-h{m.n_head}|T{seq_len(run.config)}|mb{micro}|V{vocab_size}|"
+    micro = t.micro_batch
+    return (f"{device}|L{m.n_layer}-d{m.d_model}-h{m.n_head}|T{run.config.data.seq_len}|mb{micro}|V{vocab_size}|"
             f"{m.attention}-{m.loss}|{t.precision}" + (f"|pack{pack}" if pack > 1 else ""))
 
 
@@ -64,27 +68,20 @@ def measure_throughput(run: RunSpec, vocab_size: int, device: str = "auto") -> f
     """Tokens/s of full optimizer steps (forward, backward, AdamW) of this run's shape on random tokens."""
     import torch
 
-    from fasttrain.model import GPT
-    from fasttrain.train.device import autocast, autocast_dtype, resolve_device
+    from fasttrain.device import autocast_dtype, resolve_device
+    from fasttrain.optim import make_optimizer
+    from fasttrain.train.engine import build_model, train_step
 
     cfg = run.config
     dev = resolve_device(device if device != "auto" else cfg.train.device)
     amp = autocast_dtype(cfg.train.precision, dev)
-    T = seq_len(cfg)
-    micro = cfg.train.micro_batch or cfg.train.global_batch
-    accum = cfg.train.global_batch // micro
-    torch.manual_seed(0)
-    model = GPT.from_config(cfg.model, vocab_size).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batch = torch.randint(0, vocab_size, (micro, T + 1), device=dev)
+    T = cfg.data.seq_len
+    model = build_model(cfg, vocab_size).to(dev)
+    optimizer = make_optimizer(model, cfg, dev)
+    batch = torch.randint(0, vocab_size, (cfg.train.global_batch, T + 1), device=dev)
 
-    def step():
-        for _ in range(accum):
-            with autocast(dev, amp):
-                loss = model(batch[:, :-1], batch[:, 1:])
-            loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def step():  # the trainer's own step
+        train_step(model, optimizer, batch, cfg.train.micro_batch, cfg.optim.lr, cfg.optim.grad_clip, amp)
 
     for _ in range(MEASURE_WARMUP_STEPS):
         step()
@@ -101,7 +98,7 @@ def measure_throughput(run: RunSpec, vocab_size: int, device: str = "auto") -> f
 
 def step_flops(run: RunSpec, vocab_size: int) -> float:
     m = run.config.model
-    T = seq_len(run.config)
+    T = run.config.data.seq_len
     per_token = 6.0 * (run.params + vocab_size * m.d_model) + 6.0 * m.n_layer * T * m.d_model
     return per_token * run.config.train.global_batch * T
 
@@ -117,7 +114,7 @@ def data_check(run: RunSpec) -> str:
         return "dataset not prepared yet"
     try:
         dataset = open_dataset(path, verify=False)
-        T = seq_len(run.config)
+        T = run.config.data.seq_len
         RepetitionSchedule(num_windows(dataset.train, T), run.config.train.steps * run.config.train.global_batch,
                            run.config.data.repeated_fraction, run.config.data.repeat_count,
                            placement=run.config.data.placement, seed=run.config.data.seed, tokens_per_window=T + 1)
@@ -126,10 +123,12 @@ def data_check(run: RunSpec) -> str:
     return "ok"
 
 
-def plan(spec: SweepSpec, out_dir: Optional[str] = None, measure: bool = True, pack: Optional[int] = None) -> dict:
+def plan(spec: SweepSpec, out_dir: Optional[str] = None, measure: bool = True, pack: Optional[int] = None,
+         jobs: Optional[int] = None) -> dict:
     """Every run with N, D, FLOPs, tokens/s (and its source), estimated seconds, its pack, state and data
-    check. pack: runs trained together (default: the sweep file's `pack`)."""
+    check, and where its job runs. pack: runs trained together (default: the sweep file's `pack`); jobs: --jobs."""
     pack, pack_note = resolve_pack(spec, pack)
+    at_most = jobs
     runs = expand(spec, out_dir)
     sweep_dir = os.path.abspath(out_dir or spec.out_dir)
     manifest = read_json(os.path.join(sweep_dir, MANIFEST)) or {"runs": {}}
@@ -168,7 +167,7 @@ def plan(spec: SweepSpec, out_dir: Optional[str] = None, measure: bool = True, p
                 table[key] = {"tokens_per_s": measured_now[key],
                               "source": f"{MEASURE_STEPS} timed steps on {device}", "measured": _now()}
             rate, source = measured_now[key], f"measured now ({MEASURE_STEPS} timed steps)"
-        data_key = (run.config.data.path, seq_len(run.config), run.tokens, run.repeated_fraction, run.repeat_count)
+        data_key = (run.config.data.path, run.config.data.seq_len, run.tokens, run.repeated_fraction, run.repeat_count)
         if data_key not in data_checks:
             data_checks[data_key] = data_check(run)
         done_steps = 0 if entry.get("state") == "done" else _logged_step(run.run_dir)
@@ -187,7 +186,36 @@ def plan(spec: SweepSpec, out_dir: Optional[str] = None, measure: bool = True, p
         write_json_atomic(table_path, table)
     return {"sweep_dir": sweep_dir, "device": device, "runs": rows, "deepspeed": spec.uses_deepspeed,
             "num_gpus": spec.num_gpus, "evaluate": spec.evaluate, "pack": pack, "pack_note": pack_note,
-            "packs": [[r.name for r in job] for job in jobs], "budget_note": budget_note(runs)}
+            "packs": [[r.name for r in job] for job in jobs], "placement": placement(spec, runs, rows, jobs, at_most),
+            "budget_note": budget_note(runs)}
+
+
+def placement(spec: SweepSpec, runs: list[RunSpec], rows: list[dict], jobs: list[list[RunSpec]],
+              at_most: Optional[int]) -> dict:
+    """Where the jobs left run: on Slurm, each job's resources; here on GPUs, each job's devices, start and
+    end as the runner will place them (rows get a "devices" entry), and the wall time when every job has an
+    estimate; on a CPU, nothing ({"gpus": []})."""
+    if spec.slurm is not None:
+        from fasttrain.sweep.slurm import gpus_per_node
+
+        return {"slurm": {"partition": spec.slurm.partition, "nodes": spec.slurm.nodes,
+                          "tasks_per_node": spec.num_gpus // spec.slurm.nodes,
+                          "gpus_per_node": gpus_per_node(spec, runs), "jobs": len(jobs)}}
+    gpus = visible_gpus(runs[0].config.train.device)
+    if not gpus:
+        return {"gpus": []}
+    at_once, note = jobs_at_once(spec, gpus, at_most)
+    need = gpus_per_job(spec)
+    remaining = {r["name"]: r["remaining_s"] for r in rows}
+    durations = [None if any(remaining[r.name] is None for r in job) else max(remaining[r.name] for r in job)
+                 for job in jobs]
+    placed, wall = simulate([d if d is not None else 1.0 for d in durations],  # unknown: placed in turn
+                            [sum(r.flops for r in job) for job in jobs], at_once, gpus, need)
+    devices = {run.name: ",".join(p["devices"]) for job, p in zip(jobs, placed) for run in job}
+    for row in rows:
+        row["devices"] = devices.get(row["name"])
+    return {"gpus": gpus, "at_once": at_once, "need": need, "note": note, "jobs": placed,
+            "wall_s": None if None in durations else wall}
 
 
 def budget_note(runs: list[RunSpec]) -> str:
@@ -212,7 +240,7 @@ def _logged_step(run_dir: str) -> int:
 
 
 def _now() -> str:
-    from fasttrain.sweep.runner import now_iso
+    from fasttrain.sweep.manifest import now_iso
 
     return now_iso()
 
@@ -238,23 +266,27 @@ def _plural(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
-def format_plan(doc: dict, jobs: int = 1) -> str:
+def format_plan(doc: dict, jobs: Optional[int] = None) -> str:
     rows, packed = doc["runs"], doc["pack"] > 1
+    place = doc.get("placement") or {"gpus": []}
+    gpus = place.get("gpus")
     head = (f"{'run':<32} {'N (non-emb)':>11} {'tokens D':>9} {'steps':>7} {'FLOPs 6ND':>9} {'tok/s':>8} "
-            f"{'est. time':>9}{' pack' if packed else ''} {'state':>11}  data")
+            f"{'est. time':>9}{' pack' if packed else ''}{'     GPU' if gpus else ''} {'state':>11}  data")
     title = f"sweep {doc['sweep_dir']}: {len(rows)} runs on {doc['device']}"
     if doc["deepspeed"]:
         title += f" via deepspeed --num_gpus {doc['num_gpus']}"
     if packed:
         title += f", {_plural(len(doc['packs']), 'pack')} of up to {doc['pack']} runs left"
-    lines = ([doc["pack_note"]] if doc["pack_note"] else []) + ([doc["budget_note"]] if doc.get("budget_note") else [])
+    lines = ([doc["pack_note"]] if doc["pack_note"] else []) + ([place["note"]] if place.get("note") else [])
+    lines += [doc["budget_note"]] if doc.get("budget_note") else []
     lines += [title, head]
     for r in rows:
         rate = _fmt_count(r["tokens_per_s"]) if r["tokens_per_s"] else "?"
         pack = f" {r['pack'] or '-':>4}" if packed else ""
+        devices = f" {r.get('devices') or '-':>7}" if gpus else ""
         lines.append(f"{r['name']:<32} {_fmt_count(r['params']):>11} {_fmt_count(r['tokens']):>9} {r['steps']:>7} "
-                     f"{_fmt_count(r['flops']):>9} {rate:>8} {_fmt_time(r['estimated_s']):>9}{pack} {r['state']:>11}  "
-                     f"{r['data']}")
+                     f"{_fmt_count(r['flops']):>9} {rate:>8} {_fmt_time(r['estimated_s']):>9}{pack}{devices} "
+                     f"{r['state']:>11}  {r['data']}")
     sources = sorted({r["throughput_source"] for r in rows})
     lines.append("throughput: " + "; ".join(sources))
     if packed:
@@ -271,14 +303,26 @@ def format_plan(doc: dict, jobs: int = 1) -> str:
     unit = "pack" if packed else "run"
     if not known and unknown:
         lines.append(f"estimated training time: unknown ({_plural(unknown, unit)} without a throughput)")
-        return "\n".join(lines)
-    total = sum(known)
-    msg = f"estimated training time left: {_fmt_time(total)} {unit} after {unit}"
-    if jobs > 1:
-        msg += f", about {_fmt_time(total / jobs)} with --jobs {jobs} if the device is not saturated"
-    if unknown:
-        msg += f" (+ {_plural(unknown, unit)} without an estimate)"
-    if doc["evaluate"]:
-        msg += "; plus an evaluation after each " + ("pack (one process for its runs)" if packed else "run")
-    lines.append(msg)
+    else:
+        total = sum(known)
+        msg = f"estimated training time left: {_fmt_time(total)} {unit} after {unit}"
+        if not gpus and "slurm" not in place and (jobs or 1) > 1:
+            msg += f", about {_fmt_time(total / jobs)} with --jobs {jobs} if the device is not saturated"
+        if unknown:
+            msg += f" (+ {_plural(unknown, unit)} without an estimate)"
+        if doc["evaluate"]:
+            msg += "; plus an evaluation after each " + ("pack (one process for its runs)" if packed else "run")
+        lines.append(msg)
+    if gpus:
+        each = f"{place['need']} GPUs" if place["need"] > 1 else "one GPU"
+        wall = _fmt_time(place["wall_s"]) if place["wall_s"] is not None else "unknown"
+        lines.append(f"placed on {_plural(len(gpus), 'GPU')} ({','.join(gpus)}), {place['at_once']} at once, {each} "
+                     f"each: estimated wall time {wall}")
+    elif "slurm" in place and place["slurm"]["jobs"]:
+        s = place["slurm"]
+        where = f"partition {s['partition']}" if s["partition"] else "the default partition"
+        longest = f" ({_fmt_time(max(known))})" if known else ""
+        lines.append(f"on Slurm ({where}): {_plural(s['jobs'], 'job')}, each {_plural(s['nodes'], 'node')} x "
+                     f"{s['tasks_per_node']} process(es) with {s['gpus_per_node']} GPU(s) per node; wall time: at "
+                     f"least the longest job{longest} once all have started, as the queue decides")
     return "\n".join(lines)

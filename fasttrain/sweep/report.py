@@ -28,12 +28,13 @@ from typing import Callable, Optional
 import numpy as np
 import yaml
 
+from fasttrain.checkpoint.files import read_json, write_json_atomic
 from fasttrain.ladder import PRESETS, non_embedding_params
 from fasttrain.sweep.fit import (FitError, effective_size, fit_baselines, fit_edges, poor_performance_band,
                                  same_tokens)
 from fasttrain.sweep.grid import SweepError, format_number
-from fasttrain.sweep.runner import MANIFEST, read_json
-from fasttrain.train.metrics import read_metrics, write_json_atomic
+from fasttrain.sweep.manifest import MANIFEST
+from fasttrain.train.metrics import read_metrics
 
 SIGNIFICANT = 2.0  # differences within this many standard errors are not ranked
 # The paper's fitted band edges (f = 0.1, N in non-embedding parameters), drawn for reference

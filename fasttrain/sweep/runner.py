@@ -1,29 +1,29 @@
-"""Running a sweep: one subprocess per run (or per pack of runs), a manifest of states, resumable after a
-crash or a kill.
+"""Running a sweep here: one subprocess per run (or per pack of runs), a manifest of states, resumable after a
+crash or a kill. (`fasttrain sweep --slurm` submits the same jobs to Slurm instead: fasttrain/sweep/slurm.py.)
 
 Sweep folder:
-    manifest.json        every run's state (pending | running | done | failed | interrupted), start and end
-                         times, attempts, the pack it trained in and final metrics; rewritten atomically after
-                         every change
+    manifest.json        every run's state (pending | queued | running | evaluating | done | failed |
+                         interrupted | cancelled), start and end times, attempts, the pack it trained in, its
+                         GPUs or Slurm job and final metrics; rewritten atomically after every change
     sweep.yaml           the sweep as last run
     throughput.json      measured training speed per model shape and device (for --dry-run estimates)
     runs/NAME/           a run folder: config.yaml, checkpoints/, metrics.jsonl, final.json, train.log,
                          eval.json (when the sweep evaluates)
 
-Each run is `python -m fasttrain.cli train --config RUN/config.yaml --resume` (under `deepspeed --num_gpus N`
+Each run is `python -m fasttrain.cli train --config RUN/config.yaml --resume` (under the deepspeed launcher
 when the sweep asks for several GPUs or ZeRO), so a run killed with the sweep continues from its newest
 checkpoint next time and a finished run is never trained again. Fine-tune runs (a sweep's finetune stage)
-start once every pretraining job has ended, each from its source run's weights, one run per process. With `pack: K` (or --pack K), up to K runs
-that differ only in what packed training allows (f, E, placement, seeds) and stopped at the same checkpoint
-step train as one job: `train --config A/config.yaml --config B/config.yaml ... --resume`, one stacked model
-on one device, then `eval A B ...`, one process for the pack's evaluations. A run that trains alone is a
-pack of one. A run folder holds one config for good: if the sweep file changed what a run means, the sweep
-stops with an error naming the run.
+start once the pretraining jobs have ended, each from its source run's weights. A trainer that exits with
+REQUEUE_EXIT_CODE (it was signalled, finished its step and wrote a checkpoint) is queued again, not failed.
+On a GPU machine each job gets its own GPU(s) through CUDA_VISIBLE_DEVICES (fasttrain/sweep/placement.py).
+With `pack: K` (or --pack K), up to K runs that differ only in what packed training allows (f, E, placement,
+seeds) and stopped at the same checkpoint step train as one job: `train --config A/config.yaml --config
+B/config.yaml ... --resume`, one stacked model on one device, then `eval A B ...`, one process for the pack's
+evaluations. A run that trains alone is a pack of one. A run folder holds one config for good: if the sweep
+file changed what a run means, the sweep stops with an error naming the run.
 """
 from __future__ import annotations
 
-import datetime
-import fcntl
 import json
 import os
 import shutil
@@ -37,106 +37,26 @@ from typing import Callable, Optional
 
 import yaml
 
+from fasttrain.checkpoint.files import read_json
+from fasttrain.config import ConfigError, config_differences, config_from_dict
 from fasttrain.sweep.grid import RunSpec, SweepError, SweepSpec, expand
-from fasttrain.train.metrics import write_json_atomic
-
-MANIFEST = "manifest.json"
-STATES = ("pending", "running", "evaluating", "done", "failed", "interrupted")
-
-
-def now_iso() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
-
-
-def read_json(path: str) -> Optional[dict]:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-# ---- manifest ----------------------------------------------------------------------------------------
-class Manifest:
-    """SWEEP_DIR/manifest.json: {"runs": {name: entry}} plus sweep-level fields, saved atomically."""
-
-    def __init__(self, sweep_dir: str):
-        self.path = os.path.join(sweep_dir, MANIFEST)
-        doc = read_json(self.path) if os.path.exists(self.path) else None
-        if os.path.exists(self.path) and doc is None:
-            raise SweepError(f"{self.path}: unreadable; the run folders are intact: move it away and re-run "
-                             "the sweep to rebuild it")
-        self.doc = doc or {"version": 1, "created": now_iso(), "runs": {}}
-
-    @property
-    def runs(self) -> dict:
-        return self.doc["runs"]
-
-    def entry(self, name: str) -> dict:
-        return self.runs.setdefault(name, {"state": "pending", "attempts": 0})
-
-    def update(self, name: str, **fields) -> None:
-        self.entry(name).update(fields)
-        self.save()
-
-    def save(self) -> None:
-        self.doc["updated"] = now_iso()
-        write_json_atomic(self.path, self.doc)
-
-
-class SweepLock:
-    """An exclusive lock on the sweep folder: two sweeps never run the same folder at once."""
-
-    def __init__(self, sweep_dir: str):
-        self.path = os.path.join(sweep_dir, ".lock")
-        self.file = None
-
-    def __enter__(self):
-        self.file = open(self.path, "a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "another process"
-            self.file.close()
-            raise SweepError(f"{os.path.dirname(self.path)} is being run by another `fasttrain sweep` ({holder}); "
-                             "wait for it or stop it first") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"pid {os.getpid()}")
-        self.file.flush()
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.file, fcntl.LOCK_UN)
-        self.file.close()
+from fasttrain.sweep.manifest import Manifest, SweepLock, now_iso
+from fasttrain.sweep.placement import DevicePool, gpus_per_job, job_order, jobs_at_once, visible_gpus
+from fasttrain.train import REQUEUE_EXIT_CODE
 
 
 # ---- run folders -------------------------------------------------------------------------------------
-def _comparable(config_tree: dict) -> dict:
-    tree = json.loads(json.dumps(config_tree))
-    tree.get("train", {}).pop("out_dir", None)  # the folder is the run's identity, wherever the sweep lies
-    return tree
-
-
-def config_differences(old: dict, new: dict) -> list[str]:
-    """'section.key: old -> new' for every value that differs (train.out_dir ignored)."""
-    old, new = _comparable(old), _comparable(new)
-    out = []
-    for section in sorted(set(old) | set(new)):
-        a, b = old.get(section) or {}, new.get(section) or {}
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
-                out.append(f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
-    return out
-
-
 def prepare_run_folder(run: RunSpec) -> None:
     """Write RUN/config.yaml, or check that the one already there is the same run."""
     path = os.path.join(run.run_dir, "config.yaml")
     if os.path.exists(path):
         with open(path) as f:
             old = yaml.safe_load(f) or {}
+        try:
+            old = config_from_dict(old, world_size=1).to_dict()  # resolved as the run's config is
+        except ConfigError as e:
+            raise SweepError(f"run {run.name}: its config.yaml is not valid ({e}); delete {run.run_dir} to train "
+                             "that run again") from None
         diffs = config_differences(old, run.config.to_dict())
         if diffs:
             shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
@@ -185,7 +105,7 @@ def last_logged_step(run_dir: str) -> int:
 
 def newest_checkpoint_step(run_dir: str) -> int:
     """Step of the newest complete checkpoint in the run folder (0 when none)."""
-    from fasttrain.train.checkpoint import list_checkpoints
+    from fasttrain.checkpoint.files import list_checkpoints
 
     checkpoints = list_checkpoints(run_dir)
     return checkpoints[-1][0] if checkpoints else 0
@@ -234,16 +154,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_command(pack: list[RunSpec], spec: SweepSpec, python: str = sys.executable) -> list[str]:
-    """The command that trains (or resumes) a pack of runs: one --config per run, all stacked in one model."""
+def trainer_args(pack: list[RunSpec]) -> list[str]:
+    """`train --config A/config.yaml [--config B/config.yaml ...] --resume`: one process trains (or resumes) the
+    pack, all its runs stacked in one model; under a launcher, one such process per rank."""
     configs = [arg for run in pack for arg in ("--config", os.path.join(run.run_dir, "config.yaml"))]
+    return ["train", *configs, "--resume"]
+
+
+def train_command(pack: list[RunSpec], spec: SweepSpec, python: str = sys.executable,
+                  devices: Optional[list[str]] = None) -> list[str]:
+    """The command that trains (or resumes) a pack of runs here. devices: the GPUs the job was given (its
+    CUDA_VISIBLE_DEVICES); the deepspeed launcher then starts one rank on each of them."""
     if spec.uses_deepspeed:
         if len(pack) > 1:
             raise SweepError("packed training runs on one device: a sweep using deepspeed trains one run at a time")
         launcher = shutil.which("deepspeed") or "deepspeed"
-        return [launcher, "--num_gpus", str(spec.num_gpus), "--master_port", str(_free_port()), "--module",
-                "fasttrain.cli", "train", *configs, "--resume"]
-    return [python, "-m", "fasttrain.cli", "train", *configs, "--resume"]
+        # with CUDA_VISIBLE_DEVICES set and no --num_gpus, the launcher takes exactly those devices
+        gpus = [] if devices else ["--num_gpus", str(spec.num_gpus)]
+        return [launcher, *gpus, "--master_port", str(_free_port()), "--module", "fasttrain.cli", *trainer_args(pack)]
+    return [python, "-m", "fasttrain.cli", *trainer_args(pack)]
 
 
 def eval_command(runs: list[RunSpec], metrics, python: str = sys.executable) -> list[str]:
@@ -286,6 +215,7 @@ class _Job:
     the pack's training, then its evaluation. Runs that need only their evaluation form packs of their own."""
     runs: list
     phases: list
+    devices: list = field(default_factory=list)  # its GPUs (CUDA_VISIBLE_DEVICES), none on a CPU
     proc: Optional[subprocess.Popen] = None
     phase: int = 0
     started: float = 0.0
@@ -308,6 +238,7 @@ class SweepResult:
     done: list = field(default_factory=list)
     failed: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
+    queued: list = field(default_factory=list)  # on Slurm: runs whose job is queued or running
 
 
 class Progress:
@@ -370,35 +301,44 @@ def _tail(path: str, lines: int = 5) -> str:
     return " | ".join(ln.strip() for ln in text.strip().splitlines()[-lines:])
 
 
-def run_sweep(spec: SweepSpec, out_dir: Optional[str] = None, jobs: int = 1, progress: bool = True,
+def record_runs(spec: SweepSpec, runs: list[RunSpec], sweep_dir: str, manifest: Manifest) -> None:
+    """Check or write every run folder's config (before anything is trained), keep the sweep file beside the
+    manifest, and give every run its manifest entry with its axes."""
+    for run in runs:
+        prepare_run_folder(run)
+    spec.save(os.path.join(sweep_dir, "sweep.yaml"))
+    manifest.doc["sweep_dir"] = sweep_dir
+    manifest.doc["order"] = [r.name for r in runs]
+    for run in runs:
+        entry = manifest.entry(run.name)
+        entry.update(run.axes())
+        entry["run_dir"] = os.path.relpath(run.run_dir, sweep_dir)
+
+
+def run_sweep(spec: SweepSpec, out_dir: Optional[str] = None, jobs: Optional[int] = None, progress: bool = True,
               python: str = sys.executable, on_run_done: Optional[Callable] = None,
               pack: Optional[int] = None) -> SweepResult:
-    """Run every run of the sweep that is not finished yet; returns which finished and which failed.
+    """Run every run of the sweep that is not finished yet, here; returns which finished and which failed.
+    jobs: at most this many at once (default: one per GPU or GPU set, one on a CPU).
     pack: runs trained together (default: the sweep file's `pack`)."""
-    if jobs < 1:
-        raise SweepError(f"--jobs {jobs}: must be at least 1")
     pack, note = resolve_pack(spec, pack)
     if note:
         print(note)
     runs = expand(spec, out_dir)
     sweep_dir = os.path.abspath(out_dir or spec.out_dir)
-    if spec.uses_deepspeed and jobs > 1:
-        print(f"note: runs use the deepspeed launcher on {spec.num_gpus} GPU(s): running them one at a time")
-        jobs = 1
+    gpus = visible_gpus(runs[0].config.train.device)
+    at_once, note = jobs_at_once(spec, gpus, jobs)
+    if note:
+        print(note)
     os.makedirs(os.path.join(sweep_dir, "runs"), exist_ok=True)
     with SweepLock(sweep_dir):
         manifest = Manifest(sweep_dir)
-        for run in runs:  # every folder is checked before anything is trained
-            prepare_run_folder(run)
-        spec.save(os.path.join(sweep_dir, "sweep.yaml"))
-        manifest.doc["sweep_dir"] = sweep_dir
-        manifest.doc["order"] = [r.name for r in runs]
+        _refuse_runs_on_slurm(manifest)
+        record_runs(spec, runs, sweep_dir, manifest)
         result = SweepResult(sweep_dir, runs)
         todo = []
         for run in runs:
             entry = manifest.entry(run.name)
-            entry.update(run.axes())
-            entry["run_dir"] = os.path.relpath(run.run_dir, sweep_dir)
             if is_finished(run, entry, spec.evaluate):
                 result.skipped.append(run.name)
                 if entry["state"] != "done":  # killed after its last step, before the manifest said so
@@ -411,9 +351,9 @@ def run_sweep(spec: SweepSpec, out_dir: Optional[str] = None, jobs: int = 1, pro
                 todo.append(run)
         manifest.save()
         pretrain = [run for run in todo if not run.source]
-        _execute(spec, plan_jobs(pretrain, manifest.runs, pack), manifest, result, jobs, progress, python,
-                 on_run_done)
-        # fine-tune runs start from their source's final weights: only once that run is done; one per process
+        LocalExecutor(spec, manifest, result, at_once, progress, python, on_run_done, gpus=gpus).run(
+            plan_jobs(pretrain, manifest.runs, pack))
+        # fine-tune runs start from their source's final weights: only once that run is done
         finished = set(result.done) | set(result.skipped)
         ready = [run for run in todo if run.source and run.source in finished]
         for run in todo:
@@ -422,57 +362,144 @@ def run_sweep(spec: SweepSpec, out_dir: Optional[str] = None, jobs: int = 1, pro
                 result.failed.append(run.name)
         manifest.save()
         if ready:
-            _execute(spec, plan_jobs(ready, manifest.runs, 1), manifest, result, jobs, progress, python, on_run_done,
-                     first=False)
+            LocalExecutor(spec, manifest, result, at_once, progress, python, on_run_done, gpus=gpus).run(
+                plan_jobs(ready, manifest.runs, pack))
     return result
 
 
-def _execute(spec, packs, manifest, result, jobs, progress_enabled, python, on_run_done, first=True) -> None:
-    total_steps = sum(r.config.train.steps for r in result.runs)
-    done_steps = sum(r.config.train.steps for r in result.runs if r.name in result.skipped)
-    progress = Progress(len(result.runs), total_steps, done_steps, enabled=progress_enabled)
-    index = {r.name: i + 1 for i, r in enumerate(result.runs)}
-    width = len(str(len(result.runs)))
-    if result.skipped and first:
-        progress.line(f"{len(result.skipped)} of {len(result.runs)} runs already done; "
-                      f"{sum(map(len, packs))} to run")
-    # with several at once, the costliest packs start first so that the last ones finish close together
-    queue = sorted(packs, key=lambda p: -sum(r.flops for r in p)) if jobs > 1 else list(packs)
-    active: dict[str, _Job] = {}  # by the name of the job's first run
-    env = _child_env(jobs)
+def _refuse_runs_on_slurm(manifest: Manifest) -> None:
+    """A run whose Slurm job is still queued or running is not started here as well."""
+    submitted = {name: e["job_id"] for name, e in manifest.runs.items() if e.get("job_id")}
+    if not submitted or shutil.which("squeue") is None:
+        return
+    from fasttrain.sweep.slurm import SlurmQueue
 
-    def tag(runs: list) -> str:
-        numbers = ",".join(str(index[r.name]) for r in runs)
+    try:
+        queue = SlurmQueue.query(list(submitted.values()), accounting=False)
+    except SweepError:  # the controller does not answer: the trainers' run-folder locks still guard the runs
+        return
+    for name, job_id in submitted.items():
+        if job_id in queue.states:
+            raise SweepError(f"run {name} is on Slurm as job {job_id} ({queue.states[job_id]}): follow it with "
+                             "`fasttrain sweep SWEEP.yaml --status`, or stop its jobs with --cancel before running "
+                             "the sweep here")
+
+
+class LocalExecutor:
+    """Runs a sweep's jobs as subprocesses of this one, up to `jobs` at once, each on its own GPU(s) when there
+    are some, and records every change of a run's state in the manifest. A job is a pack of runs (one run
+    when it trains alone) with its phases: the pack's training, then its evaluation."""
+
+    def __init__(self, spec: SweepSpec, manifest: Manifest, result: SweepResult, jobs: int,
+                 progress: bool = True, python: str = sys.executable, on_run_done: Optional[Callable] = None,
+                 gpus: Optional[list[str]] = None):
+        self.spec, self.manifest, self.result = spec, manifest, result
+        self.jobs, self.python, self.on_run_done = jobs, python, on_run_done
+        self.pool = DevicePool(gpus) if gpus else None
+        self.need = gpus_per_job(spec)
+        self.queue: list[list[RunSpec]] = []
+        runs = result.runs
+        self.total_steps = sum(r.config.train.steps for r in runs)
+        self.skipped_steps = sum(r.config.train.steps for r in runs if r.name in result.skipped)
+        self.progress = Progress(len(runs), self.total_steps, self.skipped_steps, enabled=progress)
+        self.index = {r.name: i + 1 for i, r in enumerate(runs)}
+        self.width = len(str(len(runs)))
+        self.active: dict[str, _Job] = {}  # by the name of the job's first run
+        self.env = _child_env(jobs)
+
+    # ---- the loop --------------------------------------------------------------------------------------
+    def run(self, packs: list[list[RunSpec]]) -> None:
+        """Run every job to its end; on Ctrl-C or SIGTERM, stop the running ones and record where they are."""
+        result = self.result
+        if result.skipped:
+            self.progress.line(f"{len(result.skipped)} of {len(result.runs)} runs already done; "
+                               f"{sum(map(len, packs))} to run")
+        self.queue = [packs[i] for i in job_order([sum(r.flops for r in p) for p in packs], self.jobs)]
+        previous_handler = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        try:
+            while self.queue or self.active:
+                while self.queue and len(self.active) < self.jobs:
+                    devices = self.pool.take(self.need) if self.pool else []
+                    if devices is None:
+                        break  # every GPU is busy
+                    self.launch(self.queue.pop(0), devices)
+                time.sleep(0.2)
+                self.poll()
+                self.show_steps()
+        except KeyboardInterrupt:
+            self.interrupt()
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)
+            self.progress.close()
+
+    def poll(self) -> None:
+        """Move every job whose process ended on to its next phase, or retire it."""
+        for name, job in list(self.active.items()):
+            rc = job.proc.poll()
+            if rc is None:
+                continue
+            if self.phase_finished(job, rc):
+                job.phase += 1
+                self.start_phase(job)
+            else:
+                del self.active[name]
+                if self.pool:
+                    self.pool.give(job.devices)
+
+    def show_steps(self) -> None:
+        result = self.result
+        current = [r for job in self.active.values() for r in job.runs]
+        steps_now = self.skipped_steps + sum(r.config.train.steps for r in result.runs if r.name in result.done)
+        steps_now += sum(min(last_logged_step(r.run_dir), r.config.train.steps) for r in current
+                         if r.name not in result.done)
+        self.progress.steps(steps_now, ", ".join(r.name for r in current))
+
+    def interrupt(self) -> None:
+        """Stop the running processes and leave every unfinished run resumable."""
+        for job in self.active.values():
+            if job.proc.poll() is None:
+                job.proc.terminate()
+        runs_left = 0
+        for job in self.active.values():
+            try:
+                job.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                job.proc.kill()
+            job.log.close()
+            # an interrupted evaluation keeps its finished training; an interrupted training resumes
+            for run in job.runs:
+                if run.name not in self.result.done and run.name not in self.result.failed:
+                    self.manifest.entry(run.name)["state"] = "evaluating" if job.trained else "interrupted"
+                    runs_left += 1
+        self.manifest.save()
+        self.progress.line(f"interrupted: re-run the same command to continue ({runs_left} run(s) resume from "
+                           "their newest checkpoint)")
+
+    # ---- starting --------------------------------------------------------------------------------------
+    def tag(self, runs: list) -> str:
+        numbers = ",".join(str(self.index[r.name]) for r in runs)
         names = runs[0].name if len(runs) == 1 else f"pack of {len(runs)} ({', '.join(r.name for r in runs)})"
-        return f"[{numbers:>{width}}/{len(result.runs)}] {names}"
+        return f"[{numbers:>{self.width}}/{len(self.result.runs)}] {names}"
 
-    def start(job: _Job) -> None:
-        phase = job.current
-        job.log = open(phase.log_path, "a")
-        job.log.write(f"\n# {now_iso()} $ {' '.join(phase.command)}\n")
-        job.log.flush()
-        for run in phase.runs[1:]:
-            with open(os.path.join(run.run_dir, os.path.basename(phase.log_path)), "a") as log:
-                log.write(f"\n# {now_iso()} {'evaluated' if phase.is_eval else 'trained'} with "
-                          f"{len(phase.runs) - 1} other run(s) in one process: its log is {phase.log_path}\n")
-        job.proc = subprocess.Popen(phase.command, stdout=job.log, stderr=subprocess.STDOUT, env=env,
-                                    preexec_fn=_die_with_parent)
-        for run in phase.runs:
-            manifest.entry(run.name)["pid"] = job.proc.pid
-        manifest.save()
-
-    def launch(runs: list) -> None:
+    def launch(self, runs: list, devices: list[str]) -> None:
+        """Start a job on its devices: its training, or only its evaluation when its runs are trained already."""
+        spec, manifest = self.spec, self.manifest
         first = runs[0]
         trained = is_trained(first, manifest.entry(first.name))  # plan_jobs never mixes trained and untrained
-        phases = [] if trained else [_Phase(train_command(runs, spec, python), runs, is_eval=False)]
+        phases = [] if trained else [_Phase(train_command(runs, spec, self.python, devices), runs, is_eval=False)]
         if spec.evaluate:
-            phases.append(_Phase(eval_command(runs, spec.evaluate, python), runs, is_eval=True))
-        job = _Job(runs, phases, started=time.time())
+            phases.append(_Phase(eval_command(runs, spec.evaluate, self.python), runs, is_eval=True))
+        job = _Job(runs, phases, devices=devices, started=time.time())
+        if devices:
+            for run in runs:
+                manifest.entry(run.name)["devices"] = devices
         if trained:  # only the evaluation is missing: training is not touched, nor its times
             for run in runs:
                 manifest.entry(run.name).update(state="evaluating", returncode=None, error=None)
             manifest.save()
-            progress.line(f"{tag(runs)}: evaluating")
+            self.progress.line(f"{self.tag(runs)}: evaluating")
         else:
             started = now_iso()
             for run in runs:
@@ -483,113 +510,103 @@ def _execute(spec, packs, manifest, result, jobs, progress_enabled, python, on_r
             step = newest_checkpoint_step(first.run_dir)
             how = f"resuming from step {step}" if step > 0 else "starting"
             each = " each" if len(runs) > 1 else ""
-            progress.line(f"{tag(runs)}: {how} (N = {first.params:,}, {first.tokens:,} tokens, "
-                          f"{first.config.train.steps} steps{each})")
-        start(job)
-        active[first.name] = job
+            where = f" on GPU {','.join(devices)}" if devices else ""
+            self.progress.line(f"{self.tag(runs)}: {how}{where} (N = {first.params:,}, {first.tokens:,} tokens, "
+                               f"{first.config.train.steps} steps{each})")
+        self.start_phase(job)
+        self.active[first.name] = job
 
-    def run_done(run: RunSpec) -> None:
-        result.done.append(run.name)
-        if on_run_done:
-            on_run_done(run, manifest.runs[run.name])
+    def start_phase(self, job: _Job) -> None:
+        phase = job.current
+        env, shown = self.env, ""
+        if job.devices:
+            env = dict(self.env, CUDA_VISIBLE_DEVICES=",".join(job.devices))
+            shown = f"CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']} "
+        job.log = open(phase.log_path, "a")
+        job.log.write(f"\n# {now_iso()} $ {shown}{' '.join(phase.command)}\n")
+        job.log.flush()
+        for run in phase.runs[1:]:
+            with open(os.path.join(run.run_dir, os.path.basename(phase.log_path)), "a") as log:
+                log.write(f"\n# {now_iso()} {'evaluated' if phase.is_eval else 'trained'} with "
+                          f"{len(phase.runs) - 1} other run(s) in one process: its log is {phase.log_path}\n")
+        job.proc = subprocess.Popen(phase.command, stdout=job.log, stderr=subprocess.STDOUT, env=env,
+                                    preexec_fn=_die_with_parent)
+        for run in phase.runs:
+            self.manifest.entry(run.name)["pid"] = job.proc.pid
+        self.manifest.save()
 
-    def training_finished(job: _Job) -> None:
+    # ---- ending ----------------------------------------------------------------------------------------
+    def phase_finished(self, job: _Job, rc: int) -> bool:
+        """Record the phase that just ended; True when the job has another phase to run."""
+        job.log.close()
+        phase = job.current
+        if phase.is_eval:
+            self.evaluation_finished(phase, rc)
+        elif rc == REQUEUE_EXIT_CODE:
+            self.requeue(job)
+            return False
+        elif rc != 0:
+            self.phase_failed(phase, job.runs, rc)
+            return False  # nothing to evaluate: the whole pack failed
+        else:
+            self.training_finished(job)
+        return job.phase + 1 < len(job.phases)
+
+    def requeue(self, job: _Job) -> None:
+        """The trainer was signalled and stopped at a checkpoint: its runs go back to the end of the queue."""
+        for run in job.runs:
+            self.manifest.entry(run.name).update(state="interrupted", returncode=REQUEUE_EXIT_CODE)
+        self.manifest.save()
+        step = newest_checkpoint_step(job.runs[0].run_dir)
+        self.progress.line(f"{self.tag(job.runs)}: stopped at a checkpoint (step {step}, exit status "
+                           f"{REQUEUE_EXIT_CODE}); queued again to resume")
+        self.queue.append(job.runs)
+
+    def training_finished(self, job: _Job) -> None:
+        manifest, evaluate = self.manifest, self.spec.evaluate
         wall, finished = time.time() - job.started, now_iso()
         for run in job.runs:
             final = read_json(os.path.join(run.run_dir, "final.json"))
-            manifest.entry(run.name).update(state="evaluating" if spec.evaluate else "done", finished=finished,
+            manifest.entry(run.name).update(state="evaluating" if evaluate else "done", finished=finished,
                                             wall_s=round(wall, 3), returncode=0, final=final)
         manifest.save()
         for run in job.runs:
             in_pack = f" in the pack of {len(job.runs)}" if len(job.runs) > 1 else ""
             final = manifest.runs[run.name]["final"]
-            progress.line(f"{tag([run])}: trained in {wall:.0f} s{in_pack}, {_describe_final(final)}")
-            if not spec.evaluate:
-                run_done(run)
+            self.progress.line(f"{self.tag([run])}: trained in {wall:.0f} s{in_pack}, {_describe_final(final)}")
+            if not evaluate:
+                self.run_done(run)
 
-    def phase_failed(phase: _Phase, runs: list, rc: int) -> None:
-        what = "evaluation" if phase.is_eval else "training"
-        error = f"{what} exited with {rc}: {_tail(phase.log_path, 2)}"
-        for run in runs:
-            # a failed evaluation leaves the training done: the next sweep only evaluates again
-            manifest.entry(run.name).update(state="evaluating" if phase.is_eval else "failed", returncode=rc,
-                                            error=error)
-            result.failed.append(run.name)
-        manifest.save()
-        progress.line(f"{tag(runs)}: FAILED ({what} exited with {rc}; see {phase.log_path})")
-
-    def evaluation_finished(phase: _Phase, rc: int) -> None:
+    def evaluation_finished(self, phase: _Phase, rc: int) -> None:
         """Runs whose eval.json the evaluation wrote are done; if it stopped early, the rest failed."""
         evaluated = [run for run in phase.runs if is_evaluated(run)]
         for run in evaluated:
             evaluation = read_json(os.path.join(run.run_dir, "eval.json")) or {}
-            manifest.entry(run.name).update(state="done", eval=evaluation.get("results"), error=None)
-        manifest.save()
+            self.manifest.entry(run.name).update(state="done", eval=evaluation.get("results"), error=None)
+        self.manifest.save()
         for run in evaluated:
-            progress.line(f"{tag([run])}: evaluated")
-            run_done(run)
+            self.progress.line(f"{self.tag([run])}: evaluated")
+            self.run_done(run)
         missing = [run for run in phase.runs if run not in evaluated]
         if missing:
-            phase_failed(phase, missing, rc)
+            self.phase_failed(phase, missing, rc)
 
-    def phase_finished(job: _Job, rc: int) -> bool:
-        """Record the phase that just ended; True when the job has another phase to run."""
-        job.log.close()
-        phase = job.current
-        if phase.is_eval:
-            evaluation_finished(phase, rc)
-        elif rc != 0:
-            phase_failed(phase, job.runs, rc)
-            return False  # nothing to evaluate: the whole pack failed
-        else:
-            training_finished(job)
-        return job.phase + 1 < len(job.phases)
+    def phase_failed(self, phase: _Phase, runs: list, rc: int) -> None:
+        what = "evaluation" if phase.is_eval else "training"
+        error = f"{what} exited with {rc}: {_tail(phase.log_path, 2)}"
+        for run in runs:
+            # a failed evaluation leaves the training done: the next sweep only evaluates again
+            self.manifest.entry(run.name).update(state="evaluating" if phase.is_eval else "failed",
+                                                 returncode=rc, error=error)
+            self.result.failed.append(run.name)
+        self.manifest.save()
+        self.progress.line(f"{self.tag(runs)}: FAILED ({what} exited with {rc}; see {phase.log_path})")
 
-    previous_handler = signal.getsignal(signal.SIGTERM)
+    def run_done(self, run: RunSpec) -> None:
+        self.result.done.append(run.name)
+        if self.on_run_done:
+            self.on_run_done(run, self.manifest.runs[run.name])
 
-    def on_sigterm(signum, frame):
-        raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        while queue or active:
-            while queue and len(active) < jobs:
-                launch(queue.pop(0))
-            time.sleep(0.2)
-            for name, job in list(active.items()):
-                rc = job.proc.poll()
-                if rc is None:
-                    continue
-                if phase_finished(job, rc):
-                    job.phase += 1
-                    start(job)
-                else:
-                    del active[name]
-            current = [r for job in active.values() for r in job.runs]
-            steps_now = done_steps + sum(r.config.train.steps for r in result.runs if r.name in result.done)
-            steps_now += sum(min(last_logged_step(r.run_dir), r.config.train.steps) for r in current
-                             if r.name not in result.done)
-            progress.steps(steps_now, ", ".join(r.name for r in current))
-    except KeyboardInterrupt:
-        for job in active.values():
-            if job.proc.poll() is None:
-                job.proc.terminate()
-        runs_left = 0
-        for job in active.values():
-            try:
-                job.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                job.proc.kill()
-            job.log.close()
-            # an interrupted evaluation keeps its finished training; an interrupted training resumes
-            for run in job.runs:
-                if run.name not in result.done and run.name not in result.failed:
-                    manifest.entry(run.name)["state"] = "evaluating" if job.trained else "interrupted"
-                    runs_left += 1
-        manifest.save()
-        progress.line(f"interrupted: re-run the same command to continue ({runs_left} run(s) resume from "
-                      "their newest checkpoint)")
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
-        progress.close()
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt

@@ -20,16 +20,6 @@ def step_record(step: int, tokens_per_step: int, loss: float, lr: float, grad_no
     return record
 
 
-def write_json_atomic(path: str, doc: dict) -> None:
-    """Write a JSON document so that `path` always holds a complete one: temporary file, fsync, rename."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def read_metrics(path: str) -> list[dict]:
     """The records of a metrics.jsonl (a run folder or the file); a line cut by a kill is skipped."""
     if os.path.isdir(path):

@@ -1,6 +1,6 @@
 """Packed training: several same-shape runs of a sweep trained at once, as one stacked model.
 
-    summaries = train_packed([cfg_a, cfg_b, cfg_c])          # one summary per run, as train() returns
+    summaries = train([cfg_a, cfg_b, cfg_c])          # fasttrain.train: one summary per run, in order
 
 A 1M-parameter model cannot keep a GPU busy: one training step is a few hundred tiny kernel launches.
 Runs of a sweep that share the model shape, seq_len, batch, steps, optimizer and precision (and differ in
@@ -9,14 +9,14 @@ model dimension K, linear layers are batched matmuls, and attention folds the mo
 batch, so every attention backend runs unchanged. A step of K packed runs costs about the launches of one.
 
 Each run keeps what makes it a run of its own:
-  - its init: built by the plain trainer's build_model with its own train.seed, then stacked;
+  - its init: built by the run lifecycle from its own train.seed (or train.init_from), then stacked;
   - its data: its own TrainingStream (schedule, seed, even dataset, if the vocabularies match);
   - its AdamW state: one AdamW over stacked tensors is K independent AdamWs, since the update is
     elementwise and every hyperparameter is shared;
   - its gradient clipping: the norm is taken per model;
-  - its run folder, written as the plain trainer writes it: config.yaml, checkpoints with the plain GPT
-    state dicts (so `fasttrain train --resume`, eval and export take them, and a packed group resumes
-    from plain checkpoints), metrics.jsonl and final.json.
+  - its run folder, written as the plain trainer writes it (the lifecycle in trainer.py is the same):
+    config.yaml, checkpoints with the plain GPT state dicts (so `fasttrain train --resume`, eval and export
+    take them, and a packed group resumes from plain checkpoints), metrics.jsonl and final.json.
 Runs that share a dataset are evaluated together: the stacked model reads the test windows once and gives
 each run the held-out metrics heldout_loss would give it alone.
 Losses equal K separate train() runs up to floating-point reduction order (fp32 on a CPU: ~1e-6 relative).
@@ -25,7 +25,6 @@ In metrics.jsonl, tokens_per_s and mfu are each run's own share; the group train
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import os
 
@@ -33,30 +32,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fasttrain.config import Config, ConfigError, config_from_dict, seq_len
-from fasttrain.data.sampler import open_training_stream
+from fasttrain.checkpoint.files import (CheckpointError, checkpoint_path, list_checkpoints, prune_checkpoints,
+                                        read_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from fasttrain.config import Config, ConfigError, launch_world_size
+from fasttrain.device import autocast, compiled
+from fasttrain.measure.loss import heldout_record, heldout_window_ids, loss_record, predicted_bytes
+from fasttrain.measure.windows import read_windows
 from fasttrain.model import GPT, causal_attention
-from fasttrain.train.checkpoint import checkpoint_path, list_checkpoints, prune_checkpoints, save_checkpoint
-from fasttrain.train.device import autocast, autocast_dtype, compiled, peak_flops, resolve_device
-from fasttrain.train.loop import check_finite, protected_steps, run_steps
-from fasttrain.train.metrics import MetricsLogger, step_record
-from fasttrain.train.trainer import (
-    build_model,
-    check_same_config,
-    evaluate_during_training,
-    load_saved_config,
-    make_optimizer,
-    rng_state,
-    set_rng_state,
-    train_step,
-    write_final,
-)
+from fasttrain.optim import make_optimizer
+from fasttrain.train.engine import Engine, loss_split, split_sums, train_step
 
 # Elements of one group's logits in the packed fused loss (512 MB in bf16), the single-model kernel's budget.
 LOGITS_PER_CHUNK = 2**28
 # Keys that may differ between packed runs; everything else in the config must be equal.
 PER_RUN_KEYS = ("data.path", "data.repeated_fraction", "data.repeat_count", "data.placement", "data.seed",
-                "train.seed", "train.out_dir", "model.init_std")
+                "train.seed", "train.out_dir", "train.init_from", "model.init_std")
 
 
 # ---- the stacked model -------------------------------------------------------------------------------
@@ -191,20 +181,24 @@ class PackedGPT(nn.Module):
             x = block(x, T)
         return self.ln_f(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_token_losses: bool = False):
         """idx (K, B, T). Without targets: logits (K, B, T, V). With targets (K, B, T; -100 = ignore): each
-        model's mean cross-entropy over its counted tokens, (K,); their sum backpropagates every model at once."""
+        model's mean cross-entropy over its counted tokens, (K,); their sum backpropagates every model at once.
+        return_token_losses: also every token's loss (K, B, T), detached, from the same computation."""
         K, B, T = idx.shape
         x = self.hidden_states(idx)
         if targets is None:
             return torch.bmm(x, self.wte.weight.transpose(1, 2)).view(K, B, T, -1)
         targets = targets.reshape(K, B * T)
         if self.loss_backend == "triton":
-            return packed_linear_cross_entropy(x, self.wte.weight, targets)
-        logits = torch.bmm(x, self.wte.weight.transpose(1, 2))
-        losses = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), reduction="none").view(K, -1)
-        counted = (targets != -100).sum(dim=1).clamp_min(1)
-        return losses.sum(dim=1) / counted
+            loss, token_losses = packed_linear_cross_entropy(x, self.wte.weight, targets, return_token_losses=True)
+        else:
+            logits = torch.bmm(x, self.wte.weight.transpose(1, 2))
+            token_losses = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1),
+                                           reduction="none").view(K, -1)
+            counted = (targets != -100).sum(dim=1).clamp_min(1)
+            loss = token_losses.sum(dim=1) / counted
+        return (loss, token_losses.detach().view(K, B, T)) if return_token_losses else loss
 
 
 class PackedLinearCrossEntropy(torch.autograd.Function):
@@ -242,10 +236,11 @@ class PackedLinearCrossEntropy(torch.autograd.Function):
                 torch.bmm(logits, weight[start:end], out=grad_hidden[start:end])
                 torch.bmm(logits.transpose(1, 2), hidden[start:end], out=grad_weight[start:end])
         ctx.save_for_backward(grad_hidden, grad_weight)
-        return losses.sum(dim=1) / counts
+        ctx.mark_non_differentiable(losses)
+        return losses.sum(dim=1) / counts, losses
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, grad_token_losses):
         grad_hidden, grad_weight = ctx.saved_tensors
         scale = grad_loss.view(-1, 1, 1)
         return grad_hidden * scale.to(grad_hidden.dtype), grad_weight * scale.to(grad_weight.dtype), None, None, None
@@ -253,8 +248,9 @@ class PackedLinearCrossEntropy(torch.autograd.Function):
 
 # Runs eagerly under torch.compile, as the single-model kernel does (Dynamo cannot trace the interpreter).
 @torch.compiler.disable
-def packed_linear_cross_entropy(hidden, weight, targets):
-    """hidden (K, N, d), weight (K, V, d), targets (K, N; -100 = ignore) -> (K,) mean losses, fp32."""
+def packed_linear_cross_entropy(hidden, weight, targets, return_token_losses=False):
+    """hidden (K, N, d), weight (K, V, d), targets (K, N; -100 = ignore) -> (K,) mean losses, fp32 (and with
+    return_token_losses the (K, N) token losses, not differentiable)."""
     from fasttrain.kernels import linear_cross_entropy
 
     device_type = hidden.device.type
@@ -264,22 +260,22 @@ def packed_linear_cross_entropy(hidden, weight, targets):
     K, N, _ = hidden.shape
     models_per_chunk = LOGITS_PER_CHUNK // (N * weight.shape[1])
     if models_per_chunk < 1:  # one model's logits alone pass the budget: its token-chunked kernel, model by model
-        return torch.stack([linear_cross_entropy(hidden[k], weight[k], targets[k],
-                                                 validate_targets=hidden.device.type != "cuda") for k in range(K)])
+        per_model = [linear_cross_entropy(hidden[k], weight[k], targets[k], validate_targets=hidden.device.type != "cuda",
+                                          return_token_losses=True) for k in range(K)]
+        losses, token_losses = torch.stack([loss for loss, _ in per_model]), torch.stack([t for _, t in per_model])
+        return (losses, token_losses) if return_token_losses else losses
     with torch.autocast(device_type, enabled=False):
-        return PackedLinearCrossEntropy.apply(hidden.contiguous(), weight, targets.contiguous(), models_per_chunk,
-                                              torch.is_grad_enabled())
+        losses, token_losses = PackedLinearCrossEntropy.apply(hidden.contiguous(), weight, targets.contiguous(),
+                                                              models_per_chunk, torch.is_grad_enabled())
+    return (losses, token_losses) if return_token_losses else losses
 
 
 # ---- held-out loss of every model at once ---------------------------------------------------------------
 @torch.no_grad()
 def packed_heldout_loss(packed: PackedGPT, dataset, seq_len: int, max_tokens: int, batch_size: int, device,
                         amp_dtype=None) -> list[dict]:
-    """fasttrain.eval.loss.heldout_loss of each model of the pack, for runs that share the dataset: the same
+    """fasttrain.measure.loss.heldout_loss of each model of the pack, for runs that share the dataset: the same
     test windows go through the stacked model once, instead of once per run."""
-    from fasttrain.eval.common import read_windows
-    from fasttrain.eval.loss import heldout_record, heldout_window_ids, loss_record, predicted_bytes
-
     windows = read_windows(dataset, "test", heldout_window_ids(dataset, seq_len, max_tokens), seq_len)
     tokens = torch.from_numpy(windows)
     nats = torch.zeros(packed.num_models, dtype=torch.float64, device=device)
@@ -295,12 +291,8 @@ def packed_heldout_loss(packed: PackedGPT, dataset, seq_len: int, max_tokens: in
 
 
 # ---- optimizer and step ------------------------------------------------------------------------------
-def make_packed_optimizer(packed: PackedGPT, cfg: Config, device: torch.device) -> torch.optim.AdamW:
-    """The plain trainer's AdamW over the stacked tensors (the leading dimension is the model). The groups
-    list parameters in GPT's order, so a run's slice of the state is its own make_optimizer's state."""
-    return make_optimizer(packed, cfg, device, model_dims=1)
-
-
+# The plain trainer's AdamW over the stacked tensors (make_optimizer with model_dims=1: the leading dimension
+# is the model) lists parameters in GPT's order, so a run's slice of the state is its own AdamW's state.
 def clip_grad_norm_per_model(parameters, max_norm: float) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ applied to each model of the pack on its own: returns the (K,)
     total gradient norms before clipping; no host sync."""
@@ -337,7 +329,6 @@ def packing_key(cfg: Config) -> str:
     for dotted in PER_RUN_KEYS:
         section, key = dotted.split(".")
         tree[section].pop(key, None)
-    tree["data"]["seq_len"] = seq_len(cfg)  # None and the context length mean the same
     tree["model"].pop("preset")  # validation resolved it into the sizes compared here
     return json.dumps(tree, sort_keys=True)
 
@@ -365,134 +356,105 @@ def check_packable(cfgs: list[Config]) -> None:
                           "runs); train these runs one at a time")
     if first.deepspeed.zero_stage:
         raise ConfigError("deepspeed.zero_stage: packed training runs on one device; set it to 0")
+    if launch_world_size() > 1:
+        raise ConfigError("several --config: packed training runs in one process on one device; start it with "
+                          "`fasttrain train`, not under deepspeed or torchrun")
 
 
-# ---- the training loop ---------------------------------------------------------------------------------
-def _resume_step(cfgs: list[Config]) -> int:
-    """The newest step at which EVERY run has a checkpoint (0: none has any). A kill while the group was
-    writing its checkpoints leaves some runs one checkpoint ahead: they step back to the common one."""
-    steps = [{s for s, _ in list_checkpoints(c.train.out_dir)} for c in cfgs]
-    if not any(steps):
-        return 0
-    common = set.intersection(*steps)
-    if not common:
-        have = ", ".join(f"{c.train.out_dir}: {max(s) if s else 'none'}" for c, s in zip(cfgs, steps))
-        raise ConfigError(f"the packed runs have no checkpoint step in common (newest: {have}); resume them "
-                          "one at a time, or pack runs that stopped at the same step")
-    return max(common)
+# ---- the engine ---------------------------------------------------------------------------------------
+class PackedEngine(Engine):
+    """K same-shape runs as one PackedGPT on one device (see the module docstring)."""
 
+    def __init__(self, cfgs: list[Config]):
+        check_packable(cfgs)
+        super().__init__(cfgs)
 
-def train_packed(cfgs: list[Config], resume: bool = False) -> list[dict]:
-    """Train (or resume) the runs described by cfgs as one pack; returns each run's final metrics, in order.
-    Each run folder ends up as train(cfg) would leave it."""
-    check_packable(cfgs)
-    cfg, K = cfgs[0], len(cfgs)
-    t = cfg.train
-    device = resolve_device(t.device)
-    amp_dtype = autocast_dtype(t.precision, device)
-    micro = t.micro_batch or t.global_batch
-    T = seq_len(cfg)
+    def newest_step(self) -> int:
+        """The newest step at which EVERY run has a checkpoint (0: none has any). A kill while the pack was
+        writing its checkpoints leaves some runs one checkpoint ahead: they step back to the common one."""
+        steps = [{s for s, _ in list_checkpoints(c.train.out_dir)} for c in self.cfgs]
+        if not any(steps):
+            return 0
+        common = set.intersection(*steps)
+        if not common:
+            have = ", ".join(f"{c.train.out_dir}: {max(s) if s else 'none'}" for c, s in zip(self.cfgs, steps))
+            raise ConfigError(f"the packed runs have no checkpoint step in common (newest: {have}); resume them "
+                              "one at a time, or pack runs that stopped at the same step")
+        return max(common)
 
-    if not resume:
-        for c in cfgs:
-            if list_checkpoints(c.train.out_dir):
-                raise ConfigError(f"train.out_dir: {c.train.out_dir} already holds checkpoints; pass --resume to "
-                                  "continue it or choose another train.out_dir")
-    opened = [open_training_stream(c) for c in cfgs]  # validates data and schedules before anything is written
-    datasets = [dataset for dataset, _ in opened]
-    vocabs = {c.model.vocab_size or d.vocab_size for c, d in zip(cfgs, datasets)}
-    if len(vocabs) > 1:
-        raise ConfigError(f"model.vocab_size: the packed runs' datasets have different vocabularies {sorted(vocabs)}; "
-                          "pack runs on one tokenizer or set model.vocab_size")
-    models = [build_model(c, d.vocab_size) for c, d in zip(cfgs, datasets)]
-    packed = PackedGPT.from_models(models, device=device)
-    vocab = models[0].vocab_size
-    del models
-    optimizer = make_packed_optimizer(packed, cfg, device)
-    start_step = _resume_step(cfgs) if resume else 0
-    if start_step:
-        ckpts = []
-        for k, c in enumerate(cfgs):
-            check_same_config(config_from_dict(load_saved_config(c.train.out_dir)).to_dict(), c, c.train.out_dir)
-            ckpt = torch.load(checkpoint_path(c.train.out_dir, start_step), map_location="cpu", weights_only=False)
-            packed.load_model(k, ckpt["model"])
-            ckpts.append(ckpt)
-        optimizer.load_state_dict(stack_optimizer_states([ck["optimizer"] for ck in ckpts]))
-        set_rng_state(ckpts[0]["rng"])
-        del ckpts
-    for c in cfgs:
-        os.makedirs(c.train.out_dir, exist_ok=True)
-        c.save(os.path.join(c.train.out_dir, "config.yaml"))
-    compile_mode = t.compile_mode if t.compile else None
-    step_model = compiled(packed, compile_mode)
-    clip_fn = compiled(clip_grad_norm_per_model, compile_mode)
-    with torch.device("meta"):  # one plain GPT that each run's weights are copied into to evaluate and save
-        single = GPT.from_config(cfg.model, vocab)
-    single = single.to_empty(device=device)
+    def build(self, models: list[GPT], start_step: int) -> None:
+        vocabs = {m.vocab_size for m in models}
+        if len(vocabs) > 1:
+            raise ConfigError(f"model.vocab_size: the packed runs' datasets have different vocabularies "
+                              f"{sorted(vocabs)}; pack runs on one tokenizer or set model.vocab_size")
+        self.packed = PackedGPT.from_models(models, device=self.device)
+        self.optimizer = make_optimizer(self.packed, self.cfg, self.device, model_dims=1)
+        if start_step:
+            ckpts = []
+            for k, c in enumerate(self.cfgs):
+                path = checkpoint_path(c.train.out_dir, start_step)
+                ckpt = read_checkpoint(path)
+                try:
+                    self.packed.load_model(k, ckpt["model"])
+                except (KeyError, RuntimeError) as e:
+                    raise CheckpointError(f"{path}: does not hold this run's model ({str(e).splitlines()[0]})") from None
+                ckpts.append(ckpt)
+            self.optimizer.load_state_dict(stack_optimizer_states([ck["optimizer"] for ck in ckpts]))
+            set_rng_state(ckpts[0]["rng"])
+            del ckpts
+        t = self.cfg.train
+        compile_mode = t.compile_mode if t.compile else None
+        self.step_model = compiled(self.packed, compile_mode)
+        self.clip_fn = compiled(clip_grad_norm_per_model, compile_mode)
+        with torch.device("meta"):  # one plain GPT that each run's weights are copied into to evaluate and save
+            single = GPT.from_config(self.cfg.model, models[0].vocab_size)
+        self.single = single.to_empty(device=self.device)
+        self.packed.train()
 
-    flops_per_step = single.flops_per_token(T) * t.global_batch * T
-    peak = peak_flops(device)
-    loggers = [MetricsLogger(c.train.out_dir, t.steps, start_step, tensorboard=t.tensorboard, display=False)
-               for c in cfgs]
-    protected = protected_steps(cfg)
-    packed.train()
-    streams = [stream.iter_batches(start_step, t.steps - start_step, t.global_batch, prefetch=0)
-               for _, stream in opened]
-    pin = device.type == "cuda"
-
-    def step(lr, logging):
-        tokens = torch.empty((K, t.global_batch, T + 1), dtype=torch.int64, pin_memory=pin)
-        torch.stack([next(batches) for batches in streams], out=tokens)
-        return train_step(packed, optimizer, tokens.to(device, non_blocking=True), micro, lr, cfg.optim.grad_clip,
-                          amp_dtype, step_model, clip_fn)
-
-    def log(done, lr, loss, grad_norm, steps_timed, elapsed):
-        losses, norms = loss.tolist(), grad_norm.tolist()  # the only host sync of a step, when logging
-        for k, c in enumerate(cfgs):
-            check_finite(losses[k], done, f" in {c.train.out_dir}")
-            loggers[k].log(step_record(done, t.global_batch * T, losses[k], lr, norms[k], steps_timed, elapsed,
-                                       flops_per_step, peak))
-        tok_s = K * steps_timed * t.global_batch * T / max(elapsed, 1e-9)
-        print(f"step {done}/{t.steps} {K} runs: loss {min(losses):.4f}..{max(losses):.4f} lr {lr:.3g} "
-              f"tok/s {tok_s:.4g} in all", flush=True)
-
-    def run_model(k):
+    def run_model(self, k: int) -> GPT:
         """Run k's current weights in the plain GPT, to evaluate or save."""
-        single.load_state_dict(packed.model_state(k))
-        return single
+        self.single.load_state_dict(self.packed.model_state(k))
+        return self.single
 
-    shared_dataset = len({os.path.realpath(c.data.path) for c in cfgs}) == 1
+    def step(self, batches: list[torch.Tensor], lr: float, logging: bool):
+        # The K batches are stacked into pinned memory on a GPU, then copied asynchronously.
+        tokens = torch.empty((len(batches), *batches[0].shape), dtype=torch.int64,
+                             pin_memory=self.device.type == "cuda")
+        torch.stack(batches, out=tokens)
+        return train_step(self.packed, self.optimizer, tokens.to(self.device, non_blocking=True), self.micro_batch,
+                          lr, self.cfg.optim.grad_clip, self.amp_dtype, self.step_model, self.clip_fn)
 
-    def heldout_losses():
-        """Each run's held-out metrics, as the plain trainer's evaluation gives them."""
-        if shared_dataset:  # one pass of the stacked model over the test windows
-            return packed_heldout_loss(packed, datasets[0], T, t.eval_tokens, micro, device, amp_dtype)
-        return [evaluate_during_training(run_model(k), datasets[k], c, device, amp_dtype) for k, c in enumerate(cfgs)]
+    def read(self, loss, grad_norm, rows, repeated) -> list[tuple[float, float, dict]]:
+        losses, norms, rows = loss.tolist(), grad_norm.tolist(), rows.cpu()  # the only host sync, when logging
+        return [(losses[k], norms[k], loss_split(*split_sums(rows[k], repeated[k]))) for k in range(len(self.cfgs))]
 
-    def evaluate(done):
-        summaries = [{"step": done, **result} for result in heldout_losses()]
-        for logger, summary in zip(loggers, summaries):
-            logger.log(summary)
-        test_losses = [summary["test_loss"] for summary in summaries]
-        print(f"step {done} {K} runs: test_loss {min(test_losses):.4f}..{max(test_losses):.4f}", flush=True)
-        packed.train()
-        return summaries
+    def evaluate(self, measure) -> list[dict]:
+        """Each run's evaluation. Runs on one dataset share the test loss: the stacked model reads the test
+        windows once for all of them."""
+        cfgs, t = self.cfgs, self.cfg.train
+        shared = "test" in t.eval_metrics and len({os.path.realpath(c.data.path) for c in cfgs}) == 1
+        shared_test = None
+        if shared:
+            shared_test = packed_heldout_loss(self.packed, measure.datasets[0], self.cfg.data.seq_len, t.eval_tokens,
+                                              self.micro_batch, self.device, self.amp_dtype)
+        results = []
+        for k in range(len(cfgs)):
+            metrics = [m for m in t.eval_metrics if not (shared and m == "test")]
+            result = dict(shared_test[k]) if shared else {}
+            if metrics:
+                result.update(measure(self.run_model(k), k, metrics))
+            results.append(result)
+        self.packed.train()
+        return results
 
-    def checkpoint(done):
-        packed_optimizer_state = optimizer.state_dict()
-        for k, c in enumerate(cfgs):
-            state = {"model": run_model(k).state_dict(), "optimizer": run_optimizer_state(packed_optimizer_state, k),
-                     "step": done, "rng": rng_state(), "config": c.to_dict(), "vocab_size": vocab}
-            # Older checkpoints go only once every run has its new one: a kill in between leaves a step
-            # that all runs share.
-            save_checkpoint(c.train.out_dir, done, state, keep=True)
-        if not t.keep_checkpoints:
-            for c in cfgs:
-                prune_checkpoints(c.train.out_dir, done, protected)
+    def save(self, step: int) -> None:
+        packed_optimizer_state = self.optimizer.state_dict()
+        for k, c in enumerate(self.cfgs):
+            state = {"model": self.run_model(k).state_dict(),
+                     "optimizer": run_optimizer_state(packed_optimizer_state, k), "step": step, "rng": rng_state(),
+                     "config": c.to_dict(), "vocab_size": self.single.vocab_size}
+            save_checkpoint(c.train.out_dir, step, state)
 
-    summaries = run_steps(cfg, start_step, step, log, evaluate, checkpoint) or [{} for _ in cfgs]
-    for logger in loggers:
-        logger.close()
-    final_losses = functools.cache(heldout_losses)  # evaluated once, if a run lacks its final.json
-    return [write_final(c.train.out_dir, summary, t.steps, lambda k=k: final_losses()[k])
-            for k, (c, summary) in enumerate(zip(cfgs, summaries))]
+    def prune(self, step: int, protected: set[int]) -> None:
+        for c in self.cfgs:
+            prune_checkpoints(c.train.out_dir, step, protected)

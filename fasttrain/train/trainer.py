@@ -1,190 +1,384 @@
-"""The plain trainer: one process, CPU or one GPU.
+"""One training run, top to bottom: the run folder, resume, the loop, final.json.
 
-    cfg = load_config("configs/demo.yaml", ["--train.steps", "200"])
-    summary = train(cfg)
+    summary = train(cfg)                        # one model, on a CPU or one GPU
+    summaries = train([cfg_a, cfg_b, cfg_c])    # same-shape runs trained as one stacked model (packed.py)
+    # under `deepspeed` or `torchrun`, or with deepspeed.zero_stage > 0: DeepSpeed ZeRO (distributed.py)
 
 Data order comes from the repetition schedule and is a pure function of (dataset, data config, seed):
-batch k is the same whether the run went straight through or was killed and resumed. A resumed run
+batch k is the same whether the run went straight through or was stopped and resumed. A resumed run
 continues from its newest complete checkpoint (model, optimizer, RNG and step) and gives, on a CPU,
 exactly the losses of the uninterrupted run.
+
+What one model, a pack and DeepSpeed do differently lives in their engine (engine.py); everything a run
+has whatever trains it is here, once:
+  1. the data: each run's stream, its schedule validated before anything is written;
+  2. the run folders: one writer each (a lock naming its holder), no silent restart over a finished or
+     started run;
+  3. the models: each run's init from train.seed, or train.init_from's weights;
+  4. resume: the saved config must describe the same run; the engine loads its step's state;
+  5. the loop: learning rate, logging (metrics.jsonl), evaluation and checkpoint schedule; SIGTERM or
+     SIGUSR1 (a scheduler's time limit or preemption) ends it at the next step boundary with a checkpoint
+     and exit status REQUEUE_EXIT_CODE, so that the job is run again with --resume;
+  6. final.json: the last evaluation.
 """
 from __future__ import annotations
 
-import json
+import fcntl
 import os
+import signal
+import socket
+import threading
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 
+import numpy as np
 import torch
+import yaml
 
-from fasttrain.config import Config, ConfigError, config_from_dict, seq_len
+from fasttrain.checkpoint.files import read_json, read_newest, remove_partial_files, write_json_atomic
+from fasttrain.checkpoint.model import check_weights
+from fasttrain.config import Config, ConfigError, config_differences, config_from_dict, launch_world_size
 from fasttrain.data.sampler import open_training_stream
+from fasttrain.device import autocast
+from fasttrain.measure.loss import heldout_loss, repeated_subset_loss
+from fasttrain.measure.prefix_matching import induction_scores
 from fasttrain.model import GPT
-from fasttrain.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
-from fasttrain.train.device import autocast, autocast_dtype, compiled, peak_flops, resolve_device
-from fasttrain.train.loop import check_finite, protected_steps, run_steps
-from fasttrain.train.metrics import MetricsLogger, step_record, write_json_atomic
+from fasttrain.optim import lr_at
+from fasttrain.train.distributed import DeepSpeedEngine
+from fasttrain.train.engine import Engine, SingleEngine, build_model
+from fasttrain.train.metrics import MetricsLogger, step_record
+from fasttrain.train.packed import PackedEngine
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by a signal after writing a checkpoint; run again with --resume
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device, model_dims: int = 0) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (and embeddings), none on biases and LayerNorm gains.
-    model_dims: leading dimensions that index stacked models (packed training), not counted as matrix dims."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() - model_dims >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() - model_dims < 2]
-    o = cfg.optim
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=device.type == "cuda")
+class StopRequested(Exception):
+    """Training stopped at a step boundary on SIGTERM/SIGUSR1, its checkpoint written."""
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(f"{signal.Signals(signum).name} after step {step}: its checkpoint is written; run the same "
+                         "command with --resume to continue")
+        self.step, self.signum = step, signum
 
 
-def build_model(cfg: Config, vocab_size: int) -> GPT:
-    if cfg.model.vocab_size is not None and cfg.model.vocab_size < vocab_size:
-        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the dataset's vocabulary ({vocab_size})")
-    torch.manual_seed(cfg.train.seed)
-    return GPT.from_config(cfg.model, vocab_size)
+def train(cfgs: Config | list[Config], resume: bool = False) -> dict | list[dict]:
+    """Train (or resume) one run, or several same-shape runs as one pack; returns the final metrics (a list
+    for a list of configs, in order). Each run folder ends up the same whichever engine trained it."""
+    one = isinstance(cfgs, Config)
+    cfgs = [cfgs] if one else list(cfgs)
+    summaries = Run(cfgs, choose_engine(cfgs)).train(resume)
+    return summaries[0] if one else summaries
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def choose_engine(cfgs: list[Config]) -> type[Engine]:
+    if len(cfgs) > 1:
+        return PackedEngine
+    if launch_world_size() > 1 or cfgs[0].deepspeed.zero_stage > 0:
+        return DeepSpeedEngine
+    return SingleEngine
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def check_same_config(saved: dict, cfg: Config, run_dir: str) -> None:
-    """A run folder holds one config: resuming with a different one would mix two experiments."""
-    current = cfg.to_dict()
-    for section, values in current.items():
-        for key, value in values.items():
-            old = saved.get(section, {}).get(key)
-            if old != value:
-                raise ConfigError(
-                    f"{section}.{key}: {value!r} differs from {old!r} in the run being resumed ({run_dir}); "
-                    "use the same config or another train.out_dir"
-                )
-
-
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor, micro_batch: int,
-               lr: float, grad_clip: float, amp_dtype: torch.dtype | None = None, step_model=None,
-               clip_fn=torch.nn.utils.clip_grad_norm_):
-    """One optimizer step: forward and backward of every micro-batch (gradients accumulated as the mean
-    over the batch), clipping, AdamW, zero_grad.
-
-    tokens (global_batch, T + 1) on the model's device, or (K, global_batch, T + 1) for a PackedGPT, whose
-    loss is each model's (K,): their sum backpropagates every model with exactly its own gradient.
-    step_model: the module to call for the loss (e.g. torch.compile(model)), default model; clip_fn:
-    clip_grad_norm_, or the packed trainer's per-model clipping. Returns the mean loss(es) and the pre-clip
-    gradient norm(s) as device tensors: nothing here waits for the GPU.
-    """
-    step_model = model if step_model is None else step_model
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    accum = tokens.shape[-2] // micro_batch
-    loss_sum = 0
-    for chunk in tokens.split(micro_batch, dim=-2):
-        with autocast(tokens.device, amp_dtype):
-            loss = step_model(chunk[..., :-1], chunk[..., 1:])
-        (loss.sum() / accum).backward()
-        loss_sum = loss_sum + loss.detach()
-    grad_norm = clip_fn(list(model.parameters()), grad_clip or float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_sum / accum, grad_norm
-
-
-def train(cfg: Config, resume: bool = False) -> dict:
-    """Run (or resume) the training described by cfg; returns the final metrics."""
+# ---- schedule ----------------------------------------------------------------------------------------
+def is_checkpoint_step(step: int, cfg: Config) -> bool:
     t = cfg.train
-    run_dir = t.out_dir
-    device = resolve_device(t.device)
-    amp_dtype = autocast_dtype(t.precision, device)
-    micro = t.micro_batch or t.global_batch
-    T = seq_len(cfg)
+    if step == t.steps:
+        return True
+    if t.checkpoint_every and step % t.checkpoint_every == 0:
+        return True
+    return t.checkpoint_log_spaced and step & (step - 1) == 0
 
-    existing = list_checkpoints(run_dir)
-    if existing and not resume:
-        raise ConfigError(f"train.out_dir: {run_dir} already holds checkpoints; pass --resume to continue it "
-                          "or choose another train.out_dir")
-    dataset, stream = open_training_stream(cfg)  # validates data and schedule before anything is written
-    model = build_model(cfg, dataset.vocab_size).to(device)
-    optimizer = make_optimizer(model, cfg, device)
-    start_step = 0
-    if resume and existing:
-        saved = config_from_dict(load_saved_config(run_dir))
-        check_same_config(saved.to_dict(), cfg, run_dir)
-        ckpt = load_latest_checkpoint(run_dir, map_location=device)
-        if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            set_rng_state(ckpt["rng"])
-            start_step = ckpt["step"]
+
+def is_eval_step(step: int, cfg: Config) -> bool:
+    t = cfg.train
+    return step == t.steps or bool(t.eval_every and step % t.eval_every == 0) or (
+        t.checkpoint_log_spaced and step & (step - 1) == 0)
+
+
+def protected_steps(cfg: Config) -> set[int]:
+    """Checkpoints kept for good under train.checkpoint_log_spaced: steps 1, 2, 4, 8, ..."""
+    if not cfg.train.checkpoint_log_spaced:
+        return set()
+    return {s for s in range(1, cfg.train.steps + 1) if s & (s - 1) == 0}
+
+
+def check_finite(loss: float, step: int, where: str = "") -> None:
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss} at step {step}{where}: lower optim.lr or check the data")
+
+
+# ---- the run folder ----------------------------------------------------------------------------------
+@contextmanager
+def folder_lock(run_dir: str):
+    """Hold RUN/.lock (flock) for the duration: a second trainer on the folder is refused, naming the holder.
+    The kernel drops the lock of a process that dies, so a crashed or killed run's lock is taken over."""
     os.makedirs(run_dir, exist_ok=True)
-    cfg.save(os.path.join(run_dir, "config.yaml"))
-    step_model = compiled(model, t.compile_mode if t.compile else None)
-
-    flops_per_step = model.flops_per_token(T) * t.global_batch * T
-    peak = peak_flops(device)
-    logger = MetricsLogger(run_dir, t.steps, start_step, tensorboard=t.tensorboard)
-    protected = protected_steps(cfg)
-    model.train()
-    # prefetch=0: a read-ahead thread measured slower than reading in the loop (it competes for the GIL)
-    batches = stream.iter_batches(start_step, t.steps - start_step, t.global_batch, prefetch=0)
-
-    def step(lr, logging):
-        tokens = next(batches).to(device, non_blocking=True)
-        return train_step(model, optimizer, tokens, micro, lr, cfg.optim.grad_clip, amp_dtype, step_model)
-
-    def log(done, lr, loss, grad_norm, steps_timed, elapsed):
-        loss_value = loss.item()  # the only host sync of a step, and only when logging
-        check_finite(loss_value, done)
-        logger.log(step_record(done, t.global_batch * T, loss_value, lr, grad_norm, steps_timed, elapsed,
-                               flops_per_step, peak))
-
-    def evaluate(done):
-        summary = {"step": done, **evaluate_during_training(model, dataset, cfg, device, amp_dtype)}
-        logger.log(summary)
-        model.train()
-        return summary
-
-    def checkpoint(done):
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
-                 "rng": rng_state(), "config": cfg.to_dict(), "vocab_size": model.vocab_size}
-        save_checkpoint(run_dir, done, state, keep=t.keep_checkpoints, protected=protected)
-
-    summary = run_steps(cfg, start_step, step, log, evaluate, checkpoint)
-    logger.close()
-    return write_final(run_dir, summary, t.steps,
-                       lambda: evaluate_during_training(model, dataset, cfg, device, amp_dtype))
+    path = os.path.join(run_dir, ".lock")
+    f = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise ConfigError(f"train.out_dir: {run_dir} is in use by {holder}; wait for it to finish or stop it "
+                              "(a folder has one writer at a time)") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"fasttrain on host {socket.gethostname()}, pid {os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the lock
 
 
-def evaluate_during_training(model: GPT, dataset, cfg: Config, device, amp_dtype, batch_size: int | None = None) -> dict:
-    from fasttrain.eval.loss import heldout_loss
-
-    with autocast(device, amp_dtype):
-        return heldout_loss(model, dataset, seq_len(cfg), max_tokens=cfg.train.eval_tokens,
-                            batch_size=batch_size or cfg.train.micro_batch or cfg.train.global_batch, device=device)
-
-
-def load_saved_config(run_dir: str) -> dict:
-    import yaml
-
-    with open(os.path.join(run_dir, "config.yaml")) as f:
-        return yaml.safe_load(f)
+def saved_config(run_dir: str) -> Config | None:
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        tree = yaml.safe_load(f)
+    return config_from_dict(tree, world_size=1)
 
 
-def write_final(run_dir: str, summary: dict, steps: int, evaluate, write: bool = True) -> dict:
-    """Write RUN/final.json (the last evaluation) and return it. An empty summary means the run was resumed
-    after its last step: its final.json is read back, or, when the run was stopped between its last
-    checkpoint and final.json, the evaluation is made again (evaluate() -> metrics)."""
-    path = os.path.join(run_dir, "final.json")
-    if not summary:
-        if os.path.exists(path):
-            with open(path) as f:
-                return json.load(f)
-        summary = {"step": steps, **evaluate()}
-    if write:
-        write_json_atomic(path, summary)
-    return summary
+def check_same_run(cfg: Config) -> None:
+    """A run folder holds one run: resuming it with a config that describes another would mix two."""
+    run_dir = cfg.train.out_dir
+    saved = saved_config(run_dir)
+    if saved is None:
+        return
+    diffs = config_differences(saved.to_dict(), cfg.to_dict())
+    if diffs:
+        key, change = diffs[0].split(": ", 1)
+        old, new = change.split(" -> ", 1)
+        raise ConfigError(f"{key}: {new} differs from {old} in the run being resumed ({run_dir}); use the same "
+                          "config or another train.out_dir")
+
+
+def init_weights(cfg: Config, model: GPT) -> None:
+    """Load train.init_from's weights into `model` (same shape), for a run that starts from another's."""
+    source = cfg.train.init_from
+    if not os.path.exists(source):
+        raise ConfigError(f"train.init_from: {source} does not exist; give a run folder or a checkpoint file")
+    try:
+        ckpt, path = read_newest(source)
+    except FileNotFoundError as e:
+        raise ConfigError(f"train.init_from: {e}") from None
+    m = cfg.model
+    check_weights(ckpt["model"], model, path, f"the model (n_layer={m.n_layer}, d_model={m.d_model}, "
+                  f"n_head={m.n_head}, context_length={m.context_length}, vocab_size={model.vocab_size})",
+                  "train.init_from must name a run of this model's shape")
+    model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
+
+
+# ---- evaluation during training ----------------------------------------------------------------------
+@dataclass
+class Measure:
+    """What an evaluation during training records for run k at `step` (train.eval_metrics): measure(model, k).
+    Engines that can share work between runs (a pack reading the test windows once) use its fields."""
+
+    cfgs: list[Config]
+    datasets: list
+    streams: list
+    step: int
+    device: torch.device
+    amp_dtype: torch.dtype | None
+
+    def __call__(self, model, k: int, metrics=None) -> dict:
+        cfg, dataset = self.cfgs[k], self.datasets[k]
+        t, T = cfg.train, cfg.data.seq_len
+        metrics = t.eval_metrics if metrics is None else metrics
+        out = {}
+        with autocast(self.device, self.amp_dtype):
+            if "test" in metrics:
+                out.update(heldout_loss(model, dataset, T, t.eval_tokens, t.micro_batch, self.device))
+            if "repeated" in metrics:
+                out.update(repeated_subset_loss(model, dataset, self.streams[k].schedule, T, t.eval_tokens,
+                                                t.micro_batch, self.device, trained_sequences=self.step * t.global_batch))
+        if "induction" in metrics and T >= 101:  # fp32 attention patterns; shorter contexts cannot hold one
+            out.update(induction_scores(model, dataset, device=self.device))
+        return out
+
+
+# ---- the run -----------------------------------------------------------------------------------------
+class Run:
+    """The lifecycle of the runs `cfgs` (one, or a pack) trained by one engine."""
+
+    def __init__(self, cfgs: list[Config], engine_cls: type[Engine]):
+        self.cfgs, self.cfg = cfgs, cfgs[0]
+        self.engine_cls = engine_cls
+
+    def train(self, resume: bool) -> list[dict]:
+        cfgs, t = self.cfgs, self.cfg.train
+        engine = self.engine = self.engine_cls(cfgs)
+        # 1. The data: every run's schedule is validated before anything is written.
+        opened = [open_training_stream(c) for c in cfgs]
+        self.datasets = [dataset for dataset, _ in opened]
+        self.streams = [stream for _, stream in opened]
+        with ExitStack() as stack:
+            # 2. The run folders: one writer each; no silent restart over a run that holds checkpoints.
+            message = None
+            if engine.is_writer:
+                try:
+                    for c in cfgs:
+                        stack.enter_context(folder_lock(c.train.out_dir))
+                        remove_partial_files(c.train.out_dir)  # left by a writer killed mid-write
+                except ConfigError as e:
+                    message = str(e)
+            message = engine.agree(message)
+            if message:
+                raise ConfigError(message)
+            if not resume:
+                for c in cfgs:
+                    if engine.holds_checkpoints(c.train.out_dir):
+                        raise ConfigError(f"train.out_dir: {c.train.out_dir} already holds checkpoints; pass --resume "
+                                          "to continue it or choose another train.out_dir")
+            # 3.-4. Where to start, each run's initial model, and the engine's state at the start.
+            start_step = engine.newest_step() if resume else 0
+            for c in cfgs:
+                if start_step:
+                    check_same_run(c)
+            models = []
+            for c, dataset in zip(cfgs, self.datasets):
+                if c.model.vocab_size is not None and c.model.vocab_size < dataset.vocab_size:
+                    raise ConfigError(f"model.vocab_size: {c.model.vocab_size} is smaller than the dataset's "
+                                      f"vocabulary ({dataset.vocab_size})")
+                model = build_model(c, dataset.vocab_size)
+                if c.train.init_from and not start_step:
+                    init_weights(c, model)
+                models.append(model)
+            engine.build(models, start_step)
+            del models
+            if engine.is_writer:
+                for c in cfgs:
+                    c.save(os.path.join(c.train.out_dir, "config.yaml"))
+            # 5. The loop.
+            self.loggers = [MetricsLogger(c.train.out_dir, t.steps, start_step, tensorboard=t.tensorboard,
+                                          enabled=engine.is_writer, display=len(cfgs) == 1) for c in cfgs]
+            try:
+                summaries = self.loop(start_step)
+            finally:
+                for logger in self.loggers:
+                    logger.close()
+            # 6. final.json.
+            return self.write_final(summaries)
+
+    def loop(self, start_step: int) -> list[dict] | None:
+        """Steps start_step .. train.steps - 1; returns the last evaluation (None if no step ran)."""
+        cfg, t, engine = self.cfg, self.cfg.train, self.engine
+        batches = [stream.iter_batches(start_step, t.steps - start_step, t.global_batch, rank=engine.rank,
+                                       world_size=engine.world_size, prefetch=0, with_repeated=True)
+                   for stream in self.streams]  # prefetch=0: a read-ahead thread measured slower (the GIL)
+        self.flops_per_step = self.flops_per_token() * t.global_batch * cfg.data.seq_len
+        protected = protected_steps(cfg)
+        summaries = None
+        stop = StopSignal()
+        with stop.installed():
+            tick, tick_step = time.time(), start_step
+            for index in range(start_step, t.steps):
+                lr = lr_at(index, cfg)
+                done = index + 1
+                logging = done % t.log_every == 0 or done == t.steps
+                read = [next(b) for b in batches]
+                loss, grad_norm, rows = engine.step([tokens for tokens, _ in read], lr, logging)
+                if logging:
+                    self.log(done, lr, loss, grad_norm, rows, [repeated for _, repeated in read], done - tick_step,
+                             time.time() - tick)
+                    tick, tick_step = time.time(), done
+                evaluating, checkpointing = is_eval_step(done, cfg), is_checkpoint_step(done, cfg)
+                if evaluating:
+                    summaries = self.evaluate(done)
+                stopping = engine.any_rank(stop.signum is not None) and done < t.steps
+                if checkpointing or stopping:
+                    self.checkpoint(done, protected)
+                if stopping:
+                    raise StopRequested(done, stop.signum or signal.SIGTERM)
+                if evaluating or checkpointing:
+                    tick = time.time()  # evaluation and checkpoint time is not training time
+        if summaries is not None:
+            self.engine.finish(t.steps)
+        return summaries
+
+    def flops_per_token(self) -> float:
+        with torch.device("meta"):
+            model = GPT.from_config(self.cfg.model, self.datasets[0].vocab_size)
+        return model.flops_per_token(self.cfg.data.seq_len)
+
+    def log(self, done, lr, loss, grad_norm, rows, repeated, steps_timed, elapsed) -> None:
+        """One metrics line per run: the only place a step waits for the device."""
+        t = self.cfg.train
+        tokens_per_step = t.global_batch * self.cfg.data.seq_len
+        values = self.engine.read(loss, grad_norm, rows, repeated)
+        for k, (c, logger) in enumerate(zip(self.cfgs, self.loggers)):
+            loss_k, norm_k, split = values[k]
+            check_finite(loss_k, done, f" in {c.train.out_dir}" if len(self.cfgs) > 1 else "")
+            record = step_record(done, tokens_per_step, loss_k, lr, norm_k, steps_timed, elapsed,
+                                 self.flops_per_step, self.engine.peak_flops)
+            record.update(split)
+            logger.log(record)
+        if len(self.cfgs) > 1 and self.engine.is_writer:
+            losses = [v[0] for v in values]
+            tok_s = len(self.cfgs) * steps_timed * tokens_per_step / max(elapsed, 1e-9)
+            print(f"step {done}/{t.steps} {len(self.cfgs)} runs: loss {min(losses):.4f}..{max(losses):.4f} "
+                  f"lr {lr:.3g} tok/s {tok_s:.4g} in all", flush=True)
+
+    def evaluate(self, done: int, log: bool = True) -> list[dict]:
+        engine = self.engine
+        tokens = done * self.cfg.train.global_batch * self.cfg.data.seq_len
+        measure = Measure(self.cfgs, self.datasets, self.streams, done, engine.device, engine.amp_dtype)
+        summaries = [{"step": done, "tokens": tokens, **result} for result in engine.evaluate(measure)]
+        if not log:
+            return summaries
+        for logger, summary in zip(self.loggers, summaries):
+            logger.log(summary)
+        if len(self.cfgs) > 1 and engine.is_writer:
+            test = [s["test_loss"] for s in summaries if "test_loss" in s]
+            if test:
+                print(f"step {done} {len(self.cfgs)} runs: test_loss {min(test):.4f}..{max(test):.4f}", flush=True)
+        return summaries
+
+    def checkpoint(self, done: int, protected: set[int]) -> None:
+        engine = self.engine
+        engine.save(done)
+        # Older checkpoints go only once every run has its new one: a kill in between leaves a step that
+        # all runs share.
+        if not self.cfg.train.keep_checkpoints and engine.is_writer:
+            engine.prune(done, protected)
+
+    def write_final(self, summaries: list[dict] | None) -> list[dict]:
+        """Write RUN/final.json (the last evaluation) and return it. No summary means the run was resumed after
+        its last step: its final.json is read back, or, when the run was stopped between its last checkpoint
+        and final.json, the evaluation is made again."""
+        if summaries is None:
+            kept = [read_json(os.path.join(c.train.out_dir, "final.json")) for c in self.cfgs]
+            if all(s is not None for s in kept):
+                return kept
+            summaries = self.evaluate(self.cfg.train.steps, log=False)
+            self.engine.finish(self.cfg.train.steps)
+        if self.engine.is_writer:
+            for c, summary in zip(self.cfgs, summaries):
+                write_json_atomic(os.path.join(c.train.out_dir, "final.json"), summary)
+        return summaries
+
+
+class StopSignal:
+    """SIGTERM/SIGUSR1 noted by a handler, acted on by the loop at the next step boundary."""
+
+    def __init__(self):
+        self.signum = None
+
+    @contextmanager
+    def installed(self):
+        if threading.current_thread() is threading.main_thread():
+            previous = {s: signal.signal(s, self.handle) for s in STOP_SIGNALS}
+        else:  # signal handlers can only be set from the main thread
+            previous = {}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def handle(self, signum, frame) -> None:
+        self.signum = signum

@@ -1,4 +1,4 @@
-"""Pieces shared by the evaluations: window sampling, per-token losses, token byte lengths, special tokens.
+"""Reading a model's data for measurement: window sampling, per-token losses, token byte lengths, special tokens.
 
 Every evaluation reads its data deterministically (evenly spaced windows or a seeded generator), so two
 evaluations of the same checkpoint on the same dataset agree exactly on a CPU.
@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
+from fasttrain.data.dataset import num_windows
+from fasttrain.data.dataset import read_windows as read_split_windows
 
 
 def evenly_spaced(total: int, n: int) -> np.ndarray:
@@ -26,18 +29,14 @@ def split_of(dataset, name: str):
 
 
 def count_windows(dataset, split: str, seq_len: int) -> int:
-    from fasttrain.data.dataset import num_windows
-
     return num_windows(split_of(dataset, split), seq_len)
 
 
 def read_windows(dataset, split: str, window_ids, seq_len: int) -> np.ndarray:
     """Windows of seq_len + 1 tokens (the model reads w[:-1] and predicts w[1:]), as int64."""
-    from fasttrain.data.dataset import read_windows as read
-
     ids = np.asarray(window_ids, dtype=np.int64)
     out = np.empty((ids.size, seq_len + 1), dtype=np.int64)
-    return read(split_of(dataset, split), ids, seq_len, out=out)
+    return read_split_windows(split_of(dataset, split), ids, seq_len, out=out)
 
 
 def model_device(model) -> torch.device:
