@@ -379,7 +379,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         d.seq_len = m.context_length
     _check(1 <= d.seq_len <= m.context_length,
            f"data.seq_len: {d.seq_len} must be between 1 and model.context_length ({m.context_length})")
-    _check(0.0 <= d.repeated_fraction < 1.0, f"data.repeated_fraction: {d.repeated_fraction} must be in [0, 1)")
+    _check(0.0 <= d.repeated_fraction <= 1.0, f"data.repeated_fraction: {d.repeated_fraction} must be in [0, 1]")
     _check(d.repeat_count >= 1, f"data.repeat_count: {d.repeat_count} must be at least 1")
     _check(d.repeated_fraction == 0.0 or d.repeat_count >= 2,
            "data.repeat_count: must be at least 2 when data.repeated_fraction > 0 (1 repeat is unique data)")

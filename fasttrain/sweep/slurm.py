@@ -371,7 +371,14 @@ def _one_round(spec: SweepSpec, runs: list[RunSpec], sweep_dir: str, pack: int, 
             lines.first(statuses)
         for run in runs:
             lines.change(run.name, statuses[run.name], manifest.runs[run.name])
-        to_submit = [run for run in runs if statuses[run.name].submit]
+        # a fine-tune starts from its source's final weights: submitted once that run is done, never while
+        # its source has stopped for good (failed out of retries, or cancelled)
+        for run in runs:
+            source = statuses.get(run.source) if run.source else None
+            if source is not None and source.state in ("failed", "cancelled") and not source.submit:
+                statuses[run.name].submit = False
+        to_submit = [run for run in runs if statuses[run.name].submit
+                     and (not run.source or statuses[run.source].state == "done")]
         if to_submit:
             waiting = {run.name: {"state": "evaluating" if _trained(run) else "pending"} for run in to_submit}
             jobs = plan_jobs(to_submit, waiting, pack)
