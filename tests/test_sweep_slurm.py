@@ -262,6 +262,9 @@ def test_second_trainer_on_a_busy_run_folder_is_refused(slurm_cluster, tmp_path,
     run_dir = sweep_dir / "runs" / RUNS[0]
     assert sweep_main(["sweep", sweep_file]) == 0
     wait_for(lambda: last_step(run_dir) >= 10, 120, "the job to train")
+    # Suspended (SIGSTOP), the job still holds its folder whatever the machine's load: the second trainer
+    # cannot find it finished.
+    slurm_cluster.run("scontrol", "suspend", entries(sweep_dir)[RUNS[0]]["job_id"])
     second = subprocess.run([sys.executable, "-m", "fasttrain.cli", "train", "--config", str(run_dir / "config.yaml"),
                              "--resume"], capture_output=True, text=True, timeout=120)
     assert sweep_main(["sweep", sweep_file, "--cancel"]) == 0
