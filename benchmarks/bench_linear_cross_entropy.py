@@ -8,6 +8,9 @@
 Providers: fasttrain (kernels.linear_cross_entropy), torch (logits = h @ W.T; F.cross_entropy(logits.float(), t)),
 torch_compile (the same function under torch.compile) and liger (LigerFusedLinearCrossEntropyLoss, when
 liger_kernel is importable). Peak memory is what the step allocates beyond the inputs, gradients included.
+tflops counts the three matmuls (6 N d V); mfu is that over the GPU's datasheet dense bf16 peak,
+mfu_vs_matmul over a bf16 matmul measured on it. time_vs_compile / mem_vs_compile / time_vs_liger: each
+provider's time and memory over torch.compile's and Liger's at the same shape.
 """
 import argparse
 import gc
@@ -20,6 +23,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 
 from benchmarks.common import peak_memory_mb, print_table, time_ms, write_results
+from fasttrain.device import measured_matmul_flops, mfu_fields, peak_flops
 from fasttrain.kernels import cross_entropy as ce_module
 from fasttrain.kernels.linear_cross_entropy import _has_fp32_out_matmul, default_chunk_size, linear_cross_entropy
 
@@ -149,12 +153,22 @@ def main():
                              chunk=(args.chunk_size or default_chunk_size(n, v)) if name == "fasttrain" else "",
                              ms=ms, peak_mb=mem, loss=loss, note=name_note))
         base_ms, base_mem = results["torch"]
+        peaks = (peak_flops(torch.device(device)), measured_matmul_flops(torch.device(device)) if on_gpu else None)
         for row in rows[-len(providers):]:
             row["time_vs_torch"] = row["ms"] / base_ms
             row["mem_vs_torch"] = row["peak_mb"] / base_mem if on_gpu else float("nan")
+            if "torch_compile" in results:
+                row["time_vs_compile"] = row["ms"] / results["torch_compile"][0]
+                row["mem_vs_compile"] = row["peak_mb"] / results["torch_compile"][1]
+            if "liger" in results:
+                row["time_vs_liger"] = row["ms"] / results["liger"][0]
+            row["tflops"] = 6 * n * d * v / row["ms"] / 1e9
+            row.update(mfu_fields(row["tflops"] * 1e12, *peaks))
         del hidden, weight, targets
+        path = write_results("linear_cross_entropy", rows, extra={"grid": "tiny" if tiny else "quick" if args.quick else "full"})
 
-    print_table(rows, ["provider", "N", "d", "V", "chunk", "ms", "peak_mb", "time_vs_torch", "mem_vs_torch", "loss", "note"])
+    print_table(rows, ["provider", "N", "d", "V", "chunk", "ms", "peak_mb", "time_vs_torch", "mem_vs_torch",
+                       "time_vs_compile", "mem_vs_compile", "time_vs_liger", "tflops", "mfu", "loss", "note"])
     path = write_results("linear_cross_entropy", rows, extra={"grid": "tiny" if tiny else "quick" if args.quick else "full"})
     print(f"wrote {path}")
 

@@ -2,7 +2,7 @@
 
 A config file mirrors the dataclasses below:
 
-    model: {preset: 3m, attention: torch}
+    model: {preset: 3m, attention: auto}
     data: {path: data/default, repeated_fraction: 0.1, repeat_count: 100}
     optim: {lr: 1.0e-3}
     train: {steps: 2000, global_batch: 32}
@@ -45,8 +45,10 @@ class ModelConfig:
     vocab_size: Optional[int] = None
     """None: the dataset tokenizer's vocabulary."""
     dropout: float = 0.0
-    attention: Literal["torch", "triton", "flash"] = "torch"
-    """torch: PyTorch SDPA; triton: fasttrain.kernels.flash_attention; flash: the flash-attn package."""
+    attention: Literal["auto", "torch", "cudnn", "triton", "flash"] = "auto"
+    """auto: the fastest of the others measured on this GPU for the run's shape, once (torch on a CPU);
+    torch: PyTorch SDPA, the kernel it picks; cudnn: SDPA restricted to cuDNN's kernel (CUDA only);
+    triton: fasttrain.kernels.flash_attention; flash: the flash-attn package."""
     loss: Literal["torch", "triton"] = "torch"
     """torch: matmul + F.cross_entropy; triton: fused linear cross-entropy (the logits never exist)."""
     init_std: float = 0.02
@@ -120,6 +122,10 @@ class TrainConfig:
     """torch.compile the model."""
     compile_mode: CompileMode = "default"
     """reduce-overhead uses CUDA graphs (for small, launch-bound models)."""
+    cuda_graph: bool = False
+    """Capture the whole optimizer step (every micro-batch's forward and backward, gradient clipping, AdamW)
+    as one CUDA graph after two eager steps, and replay it: for small, launch-bound models and packs (GPU
+    only; not with DeepSpeed or compile_mode reduce-overhead)."""
     out_dir: str = "runs/default"
     log_every: int = 10
     checkpoint_every: int = 0
@@ -167,9 +173,10 @@ class Config:
 
 
 # Keys that may differ between a run folder's config and the one resuming it: where the folder lies now,
-# how each process splits its batch (which a resume under another world size changes), and where the
-# metrics are also sent.
-NOT_RUN_IDENTITY = ("train.out_dir", "train.micro_batch", "train.wandb")
+# how each process splits its batch (which a resume under another world size changes), which kernels
+# compute the same step (a GPU without cuDNN attention, or without CUDA graphs, may continue a run), and
+# where the metrics are also sent.
+NOT_RUN_IDENTITY = ("train.out_dir", "train.micro_batch", "model.attention", "train.cuda_graph", "train.wandb")
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
@@ -395,7 +402,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         d.seq_len = m.context_length
     _check(1 <= d.seq_len <= m.context_length,
            f"data.seq_len: {d.seq_len} must be between 1 and model.context_length ({m.context_length})")
-    _check(0.0 <= d.repeated_fraction < 1.0, f"data.repeated_fraction: {d.repeated_fraction} must be in [0, 1)")
+    _check(0.0 <= d.repeated_fraction <= 1.0, f"data.repeated_fraction: {d.repeated_fraction} must be in [0, 1]")
     _check(d.repeat_count >= 1, f"data.repeat_count: {d.repeat_count} must be at least 1")
     _check(d.repeated_fraction == 0.0 or d.repeat_count >= 2,
            "data.repeat_count: must be at least 2 when data.repeated_fraction > 0 (1 repeat is unique data)")
@@ -415,6 +422,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check(t.log_every >= 1, f"train.log_every: {t.log_every} must be at least 1")
     _check(len(set(t.eval_metrics)) == len(t.eval_metrics), f"train.eval_metrics: {t.eval_metrics} repeats a metric")
     # Under ZeRO-3 the module holds empty placeholders for its partitioned weights, which Dynamo traces.
+    _check(not (t.cuda_graph and cfg.deepspeed.zero_stage > 0),
+           "train.cuda_graph: not supported with DeepSpeed (deepspeed.zero_stage > 0); set it false")
+    _check(not (t.cuda_graph and t.compile and t.compile_mode == "reduce-overhead"),
+           "train.cuda_graph: the step is captured whole; set train.compile_mode to default, not reduce-overhead "
+           "(which captures graphs of its own)")
     _check(not (t.compile and cfg.deepspeed.zero_stage == 3),
            "train.compile: not supported with deepspeed.zero_stage 3 (its partitioned weights cannot be traced); "
            "set train.compile false or use ZeRO stage 1 or 2")

@@ -4,19 +4,26 @@ The layout maps one to one onto Hugging Face's GPT2LMHeadModel (pre-LayerNorm, l
 qkv projection, exact-erf GELU MLP, tied input/output embeddings), so a checkpoint exports with identical
 logits. Attention and loss each have interchangeable backends chosen by the config:
 
-    attention: torch  -> F.scaled_dot_product_attention (default; any device)
+    attention: torch  -> F.scaled_dot_product_attention, the backend SDPA picks (any device)
+               cudnn  -> the same restricted to cuDNN's kernel (CUDA only)
                triton -> fasttrain.kernels.flash_attention (ours)
                flash  -> flash_attn.flash_attn_func (optional dependency, imported lazily)
+               auto   -> the fastest of these measured on this GPU for the shape (torch on a CPU)
     loss:      torch  -> lm_head matmul + F.cross_entropy (materializes the logits)
                triton -> fasttrain.kernels.linear_cross_entropy (never materializes the logits)
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# What attention "auto" chooses among on a GPU (flash only where flash-attn is installed).
+AUTO_ATTENTION_CANDIDATES = ("cudnn", "torch", "triton", "flash")
 
 
 def _flash_attn_func():
@@ -30,8 +37,19 @@ def _flash_attn_func():
     return flash_attn_func
 
 
+def _restricted_sdpa(q, k, v, dropout_p, backends):
+    """SDPA allowed only the given SDPBackends (q, k, v as (B, H, T, D))."""
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(backends):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+
+
 def causal_attention(q, k, v, backend: str, dropout_p: float = 0.0):
     """q, k, v (batch, seq, heads, head_dim) -> the same shape: causal attention through the backend."""
+    if backend == "auto":
+        B, T, H, D = q.shape
+        backend = auto_attention(B, H, T, D, q.dtype, q.device)
     if backend == "flash":
         return _flash_attn_func()(q, k, v, dropout_p=dropout_p, causal=True)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
@@ -41,9 +59,111 @@ def causal_attention(q, k, v, backend: str, dropout_p: float = 0.0):
         from fasttrain.kernels import flash_attention
 
         y = flash_attention(q, k, v, causal=True)
+    elif backend == "cudnn":
+        if not q.is_cuda:
+            raise ValueError("model.attention=cudnn needs a CUDA GPU (cuDNN's attention): use auto or torch")
+        from torch.nn.attention import SDPBackend
+
+        y = _restricted_sdpa(q, k, v, dropout_p, [SDPBackend.CUDNN_ATTENTION])
     else:
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
     return y.transpose(1, 2)
+
+
+# ---- attention "auto": the fastest backend, measured once per shape and GPU -----------------------------
+_AUTO_CHOICES: dict[str, str] = {}
+
+
+def auto_choice_file() -> str:
+    """Where the measured choices are kept between processes (JSON): $FASTTRAIN_CACHE_DIR or ~/.cache/fasttrain."""
+    root = os.environ.get("FASTTRAIN_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fasttrain")
+    return os.path.join(root, "attention_auto.json")
+
+
+def _read_choices(path: str) -> dict:
+    try:
+        with open(path) as f:
+            choices = json.load(f)
+        return choices if isinstance(choices, dict) else {}
+    except (OSError, ValueError):
+        return {}  # none yet, or unreadable: measured again
+
+
+def time_attention(backend: str, batch: int, heads: int, seq: int, head_dim: int, dtype, device,
+                   iters: int = 5) -> float:
+    """Milliseconds of one causal forward + backward through `backend` (CUDA events; the first calls, which
+    compile and autotune, are not timed). Raises where the backend does not take the shape."""
+    with torch.inference_mode(False), torch.enable_grad():  # also when first met in an evaluation
+        gen = torch.Generator(device=device).manual_seed(0)
+        q, k, v, grad = (torch.randn(batch, seq, heads, head_dim, generator=gen, device=device, dtype=dtype)
+                         for _ in range(4))
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+        def step():
+            torch.autograd.grad(causal_attention(q, k, v, backend), (q, k, v), grad)
+
+        for _ in range(2):
+            step()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        for _ in range(iters):
+            step()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / iters
+
+
+@torch.compiler.disable  # measured outside any compiled graph (the engines resolve "auto" before compiling)
+def auto_attention(batch: int, heads: int, seq: int, head_dim: int, dtype, device) -> str:
+    """The backend attention "auto" runs for (seq, heads, head_dim, dtype): torch on a CPU; on a GPU the
+    fastest forward + backward among AUTO_ATTENTION_CANDIDATES, measured at this batch the first time the
+    shape is seen on this GPU model and torch version, then kept in auto_choice_file()."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "torch"
+    key = (f"{torch.cuda.get_device_name(device)} | torch {torch.__version__} | seq {seq} heads {heads} "
+           f"head_dim {head_dim} {str(dtype).replace('torch.', '')}")
+    if key in _AUTO_CHOICES:
+        return _AUTO_CHOICES[key]
+    path = auto_choice_file()
+    known = _read_choices(path).get(key)
+    if isinstance(known, dict) and known.get("backend") in AUTO_ATTENTION_CANDIDATES:
+        _AUTO_CHOICES[key] = known["backend"]
+        return known["backend"]
+    timings = {}
+    for backend in AUTO_ATTENTION_CANDIDATES:
+        try:
+            timings[backend] = time_attention(backend, batch, heads, seq, head_dim, dtype, device)
+        except (ImportError, RuntimeError, ValueError):  # not installed, or not for this shape, dtype or GPU
+            pass
+        torch.cuda.empty_cache()
+    choice = min(timings, key=timings.get) if timings else "torch"
+    _AUTO_CHOICES[key] = choice
+    print(f"attention auto: {choice} for seq {seq}, heads {heads}, head_dim {head_dim} (fwd+bwd ms at batch "
+          f"{batch}: {', '.join(f'{b} {ms:.3g}' for b, ms in timings.items())})", flush=True)
+    try:  # merged into what other processes wrote meanwhile; replaced atomically
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        choices = _read_choices(path)
+        choices[key] = {"backend": choice, "ms": timings}
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(choices, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: measured again next time
+    return choice
+
+
+def resolve_attention(model: nn.Module, batch: int, seq: int, dtype) -> None:
+    """Replace attention "auto" in every attention module of `model` (a GPT or a PackedGPT, on its device) by
+    the backend measured fastest for batches of `batch` sequences of `seq` tokens in `dtype`: done once,
+    before compiling, so a compiled step never measures."""
+    device = next(model.parameters()).device
+    for module in model.modules():
+        if getattr(module, "backend", None) == "auto":
+            module.backend = auto_attention(batch, module.n_head, seq, module.head_dim, dtype, device)
 
 
 class CausalSelfAttention(nn.Module):

@@ -107,7 +107,9 @@ def launch_cross_entropy(logits, targets, ignore_index, z_loss, losses=None, lse
     compute_lse = losses is not None
     write_grad = grad is not None
     has_scale = grad_scale is not None
-    cross_entropy_kernel[(n_rows,)](
+    launch_kernel(
+        cross_entropy_kernel,
+        (n_rows,),
         logits,
         logits.stride(0),
         targets,
@@ -132,6 +134,41 @@ def _interpreter_on():
     import os
 
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def launch_kernel(kernel, grid, *args, **kwargs):
+    """Launch a Triton kernel, from eager code or from the body of an op made by register_op. On a GPU it goes
+    through torch.library.wrap_triton, so that torch.compile sees the kernel; under the interpreter it runs
+    directly, and does nothing on the fake tensors an op's body is traced with for its output shapes."""
+    if _interpreter_on():
+        from torch._subclasses.fake_tensor import is_fake
+
+        if any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
+            return
+        kernel[grid](*args, **kwargs)
+    else:
+        torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+def register_op(name):
+    """Register fn (type-annotated, mutating none of its inputs, free of host syncs) as the operator
+    fasttrain::name, so that torch.compile keeps it in one graph (no graph break) and a CUDA graph can
+    capture it: torch.library.triton_op on a GPU, whose kernels torch.compile may then optimize; under the
+    interpreter, whose kernels cannot be traced, an opaque custom op with the same body (its kernels skipped,
+    see launch_kernel) giving the output shapes."""
+
+    def register(fn):
+        from torch._library.custom_ops import OPDEFS
+
+        if f"fasttrain::{name}" in OPDEFS:  # this file imported a second time, as the top-level package
+            return OPDEFS[f"fasttrain::{name}"]  # `kernels` (a library probing for a namesake): one operator
+        if _interpreter_on():
+            op = torch.library.custom_op(f"fasttrain::{name}", fn, mutates_args=())
+            op.register_fake(fn)
+            return op
+        return torch.library.triton_op(f"fasttrain::{name}", fn, mutates_args=())
+
+    return register
 
 
 def check_targets(targets, n_classes, ignore_index, validate=True):

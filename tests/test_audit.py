@@ -40,7 +40,8 @@ def make_config(path, steps=20, global_batch=16, f=0.25, E=4, placement="uniform
 @pytest.mark.parametrize(
     "S,f,E,placement,chunk",
     [(5000, 0.1, 10, "uniform", 1 << 21), (5000, 0.1, 10, "even", 999), (4000, 0.5, 2, "uniform", 1000),
-     (3000, 0.0, 1, "uniform", 512), (2000, 0.9, 300, "even", 333), (2000, 0.2, 20, "uniform", 77)],
+     (3000, 0.0, 1, "uniform", 512), (2000, 0.9, 300, "even", 333), (2000, 0.2, 20, "uniform", 77),
+     (5003, 1.0, 7, "even", 1000), (4000, 1.0, 8, "uniform", 999)],  # f = 1: the whole budget in E epochs
 )
 def test_audit_passes_on_exact_schedules(S, f, E, placement, chunk):
     schedule = RepetitionSchedule(6000, S, f, E, placement, seed=3, tokens_per_window=16)
@@ -49,6 +50,8 @@ def test_audit_passes_on_exact_schedules(S, f, E, placement, chunk):
     assert result["positions"] == S and result["repeated_positions"] == E * schedule.n_rep
     assert result["realized_fraction"] == pytest.approx(schedule.realized_fraction)
     assert result["distinct_windows_seen"] == schedule.n_rep + schedule.n_unique
+    if f == 1.0:  # E passes over S // E windows; the S mod E sequences left over are unique
+        assert (schedule.n_rep, schedule.n_unique) == (S // E, S % E)
     if f > 0:
         assert "pass_index_is_chronological" in result["checks"]
         assert len(result["pass_position_range"]) == E

@@ -1,4 +1,5 @@
-"""Induction, copying and in-context-learning scores on a GPT whose weights are set by hand.
+"""Induction, copying, previous-token and in-context-learning scores on a GPT whose weights are set by hand,
+and per-head scores against independent computations.
 
 The model is a previous-token head (layer 0, head 0) feeding an induction head (layer 1, head 0), the
 circuit of Olsson et al. The residual stream holds three one-hot blocks: [token | position | previous
@@ -10,10 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from fasttrain.eval.copying import copy_sequences, copying_losses, random_passages
+from fasttrain.eval import heads
+from fasttrain.eval.copying import copy_sequences, copying_losses, occurrence_losses, random_passages
+from fasttrain.eval.heads import copying_head_scores_on, previous_token_scores
 from fasttrain.eval.icl import icl_positions
-from fasttrain.measure.prefix_matching import (prefix_matching_scores, prefix_matching_sequences,
-                                               prefix_matching_targets, token_pool)
+from fasttrain.measure.prefix_matching import (prefix_matching_per_sequence, prefix_matching_scores,
+                                               prefix_matching_sequences, prefix_matching_targets,
+                                               sequences_for_budget, token_pool)
 from fasttrain.model import GPT
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -133,3 +137,105 @@ def test_token_pool_drops_most_and_least_common():
     assert 7 not in pool and pool.size == 97
     fallback = token_pool(200, {0}, None)
     assert fallback.min() >= 50 and fallback.max() < 150
+
+
+def test_perfect_copier_with_eleven_copies():
+    passages = random_passages(np.arange(1, V), length=11, n=4, seed=2)  # (128 - 1) // 11 tokens each
+    losses = occurrence_losses(induction_model(), passages, start_id=0, copies=11, batch_size=4)
+    assert losses.shape == (4, 11)
+    assert losses[:, 0].min() > 2.0 and losses[:, 1:].max() < 0.01
+
+
+def test_previous_token_scores_known_answers(model, monkeypatch):
+    windows = np.random.default_rng(0).integers(1, V, size=(3, 40))
+    scores = previous_token_scores(model, windows, batch_size=2)
+    assert scores.shape == (2, 2)
+    assert scores[0, 0] > 0.999  # the previous-token head
+    uniform = np.mean([1.0 / (i + 1) for i in range(1, 40)])  # a head with q = k = 0 attends 1 / (i + 1)
+    assert scores[0, 1] == pytest.approx(uniform, rel=1e-5) and scores[1, 1] == pytest.approx(uniform, rel=1e-5)
+    monkeypatch.setattr(heads, "QUERY_CHUNK", 7)  # query rows in chunks: the same scores
+    np.testing.assert_allclose(previous_token_scores(model, windows, batch_size=3), scores, rtol=1e-6)
+
+
+def test_copying_scores_known_answers(model):
+    """The induction head raises only the token it attends to: 1. The previous-token head writes into the
+    previous-token block, which the unembedding does not read, and the uniform heads write nothing: 0."""
+    idx = torch.from_numpy(prefix_matching_sequences(np.arange(1, V), 0, n_sequences=3, seed=0))
+    scores = copying_head_scores_on(model, idx, range(26, 101))
+    assert scores[1, 0] == pytest.approx(1.0, abs=1e-4)
+    assert np.abs(np.delete(scores.ravel(), 2)).max() < 1e-6, scores
+
+
+def independent_copying_scores(model, idx, queries):
+    """The copying score of every head, recomputed from the weights with explicit loops over heads,
+    positions and attended keys (no code shared with fasttrain.eval.heads)."""
+    B, T = idx.shape
+    L, H = model.n_layer, model.n_head
+    hd = model.d_model // H
+    out_heads = {}
+    with torch.no_grad():
+        x = model.wte(idx) + model.wpe(torch.arange(T))
+        for layer, block in enumerate(model.blocks):
+            a = block.ln_1(x)
+            W, b = block.attn.c_attn.weight, block.attn.c_attn.bias
+            heads_out = []
+            for h in range(H):
+                rows = slice(h * hd, (h + 1) * hd)
+                q = a @ W[rows].T + b[rows]
+                k = a @ W[model.d_model:][rows].T + b[model.d_model:][rows]
+                v = a @ W[2 * model.d_model:][rows].T + b[2 * model.d_model:][rows]
+                s = q @ k.transpose(1, 2) / math.sqrt(hd)
+                s = s + torch.triu(torch.full((T, T), float("-inf")), diagonal=1)
+                p = torch.softmax(s, dim=-1)
+                o = (p @ v) @ block.attn.c_proj.weight[:, rows].T  # the head's write, without the bias
+                out_heads[layer, h] = (p, o)
+                heads_out.append(o)
+            x = x + sum(heads_out) + block.attn.c_proj.bias
+            x = x + block.mlp(block.ln_2(x))
+        assert torch.allclose(model.ln_f(x), model.hidden_states(idx), atol=1e-5)
+        scores = np.zeros((L, H))
+        for (layer, h), (p, o) in out_heads.items():
+            total, count = 0.0, 0
+            for n in range(B):
+                for i in queries:
+                    resid = x[n, i]
+                    sigma = torch.sqrt(((resid - resid.mean()) ** 2).mean() + model.ln_f.eps)
+                    logits = model.wte.weight @ ((o[n, i] - o[n, i].mean()) * model.ln_f.weight / sigma)
+                    c = logits - logits.mean()
+                    raise_ = torch.relu(c).sum()
+                    if raise_ > 1e-5 * logits.abs().sum():
+                        total += sum(float(p[n, i, j] * c[idx[n, j]]) for j in range(i + 1)) / float(raise_)
+                    count += 1
+            scores[layer, h] = total / count
+    return scores
+
+
+def test_copying_scores_match_an_independent_computation():
+    torch.manual_seed(3)
+    model = GPT(n_layer=2, d_model=24, n_head=3, vocab_size=50, context_length=32).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # every weight, bias and LayerNorm parameter away from its init
+            p.add_(0.3 * torch.randn_like(p))
+        attn = model.blocks[1].attn  # head 0 of layer 1 passes 8 dimensions of what it attends to: it copies some
+        attn.c_attn.weight[48:56] = 3 * torch.eye(8, 24)
+        attn.c_proj.weight[:, :8] = 3 * torch.eye(24, 8)
+    idx = torch.from_numpy(prefix_matching_sequences(np.arange(1, 50), 0, n_random=6, repeats=4, n_sequences=2,
+                                                     seed=1))
+    queries = range(7, 25)
+    expected = independent_copying_scores(model, idx, queries)
+    np.testing.assert_allclose(copying_head_scores_on(model, idx, queries), expected, atol=2e-5)
+    assert np.abs(expected).max() > 0.02  # not trivially zero
+
+
+def test_prefix_matching_per_sequence_and_its_error(model):
+    pool = np.arange(1, V)
+    per_sequence = prefix_matching_per_sequence(model, pool, 0, n_sequences=7, seed=4, batch_size=3)
+    seqs = prefix_matching_sequences(pool, 0, n_sequences=7, seed=4)
+    for n, seq in enumerate(seqs):  # one sequence alone, targets found by their tokens
+        _, probs = model.attention_probs(torch.from_numpy(seq[None]).to(DEVICE))
+        targets = [[j for j in range(1, i + 1) if seq[j - 1] == seq[i]] for i in range(26, 101)]
+        for layer in range(2):
+            p = probs[layer][0].detach().float().cpu().numpy()
+            expected = [np.mean([p[h, i, t].sum() for i, t in zip(range(26, 101), targets)]) for h in range(2)]
+            np.testing.assert_allclose(per_sequence[n, layer], expected, rtol=1e-5, atol=1e-7)
+    assert sequences_for_budget(None) == 10 and sequences_for_budget(505) == 10 and sequences_for_budget(20200) == 200

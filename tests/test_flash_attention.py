@@ -236,18 +236,49 @@ def test_cpu_tensors_without_interpreter_raise(monkeypatch):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("head_dim", [16, 64, 128])
 def test_every_tuning_config(head_dim, causal):
-    """Each config the autotuner may pick, on a sequence with a partial last block, in bf16 and fp16."""
+    """Each config the autotuner may pick, on a sequence with a partial last block: bf16 for every config
+    (with the atomic dQ; the separate dQ kernel's configs with its own pass), fp16 for the first ones."""
     for dtype in (torch.bfloat16, torch.float16):
         q, k, v, do = random_inputs((2, 2, 300, head_dim), dtype, case_seed("configs", head_dim, causal, dtype))
         scale = 1.0 / math.sqrt(head_dim)
         ref = reference_grads(q, k, v, do, causal, scale)
         for kind in ("fwd", "dkdv", "dq"):
-            for cfg in fa._TUNED_CONFIGS[kind][head_dim <= 64]:
+            configs = fa._TUNED_CONFIGS[kind][head_dim <= 64]
+            for cfg in configs if dtype == torch.bfloat16 else configs[:1]:
                 # The kind under test runs cfg; the other two their first config (no autotuning run).
                 forced = {name: [cfg if name == kind else table[head_dim <= 64][0]]
                           for name, table in fa._TUNED_CONFIGS.items()}
                 out, lse = fa._attention_forward(q, k, v, causal, scale, configs=forced.get("fwd"))
                 dq, dk, dv = fa._attention_backward(do, q, k, v, out, lse, causal, scale,
-                                                    dkdv_configs=forced.get("dkdv"), dq_configs=forced.get("dq"))
+                                                    dkdv_configs=forced.get("dkdv"), dq_configs=forced.get("dq"),
+                                                    mode="separate" if kind == "dq" else "atomic")
                 for name, ours, expected in zip(["out", "dq", "dk", "dv"], [out, dq, dk, dv], ref):
                     assert_close(f"{kind} {cfg}: {name}", ours, expected, dtype)
+
+
+@pytest.mark.parametrize("mode, tma, causal", [("separate", "off", True), ("atomic", "on", True),
+                                               ("atomic", "on", False)])
+def test_dq_modes_and_tma_loads(monkeypatch, mode, tma, causal):
+    """The atomics-free dQ pass, and loads through TMA tensor descriptors (emulated by the interpreter on a
+    CPU; on a GPU, "on" uses them wherever the strides allow), against float64: partial last blocks."""
+    monkeypatch.setattr(fa, "dq_mode", mode)
+    monkeypatch.setattr(fa, "tma", tma)
+    q, k, v, do = random_inputs((1, 2, 45, 32), torch.float32, case_seed("modes", mode, tma, causal))
+    assert fa._use_tma(q, k, v, do) == (tma == "on")
+    ours = run_attention(lambda q, k, v: flash_attention(q, k, v, causal=causal), q, k, v, do)
+    ref = reference_grads(q, k, v, do, causal, 1.0 / math.sqrt(32))
+    for i, name in enumerate(["out", "dq", "dk", "dv"]):
+        assert_close(name, ours[i], ref[i], torch.float32)
+
+
+def test_tma_only_where_the_strides_allow(monkeypatch):
+    monkeypatch.setattr(fa, "tma", "on")
+    x = torch.randn(2, 2, 40, 32, device=DEVICE)
+    assert fa._use_tma(x, x)
+    assert not fa._use_tma(x, torch.randn(2, 2, 40, 1, device=DEVICE).expand(2, 2, 40, 32))  # last dim stride 0
+    assert not fa._use_tma(x, torch.randn(2, 2, 40, 33, device=DEVICE)[..., :32])  # 132-byte rows
+    monkeypatch.setattr(fa, "tma", "off")
+    assert not fa._use_tma(x, x)
+    if not ON_GPU:  # "auto" leaves the interpreter on pointers
+        monkeypatch.setattr(fa, "tma", "auto")
+        assert not fa._use_tma(x, x)

@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from fasttrain.ladder import PRESETS, non_embedding_params
-from fasttrain.model import GPT
+import fasttrain.model as model_module
+from fasttrain.model import GPT, auto_attention, causal_attention, resolve_attention
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -95,3 +96,45 @@ def test_flash_backend_missing_is_a_clear_error():
     model = tiny(attention="flash")
     with pytest.raises(ImportError, match="flash-attn"):
         model(torch.zeros(1, 8, dtype=torch.long))
+
+
+def test_cudnn_backend_needs_a_gpu():
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(ValueError, match="cudnn needs a CUDA GPU"):
+        causal_attention(q, q, q, "cudnn")
+
+
+def test_auto_attention_is_torch_on_a_cpu():
+    model = tiny(attention="auto")
+    idx = torch.randint(0, 50, (2, 9))
+    assert torch.equal(model(idx), tiny(attention="torch")(idx))  # resolved lazily, per call
+    resolve_attention(model, batch=2, seq=9, dtype=torch.float32)
+    assert {block.attn.backend for block in model.blocks} == {"torch"}
+
+
+def test_auto_attention_measures_once_per_shape_and_keeps_the_choice(tmp_path, monkeypatch):
+    # On a GPU: the fastest of the candidates that run, measured the first time a shape is seen, then read
+    # back from the cache file by later processes. The timings and the device are stood in for here.
+    monkeypatch.setenv("FASTTRAIN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(model_module, "_AUTO_CHOICES", {})
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    measured = []
+
+    def fake_time(backend, batch, heads, seq, head_dim, dtype, device, iters=5):
+        measured.append(backend)
+        if backend == "flash":
+            raise ImportError("flash-attn is not installed")
+        return {"cudnn": 2.0, "torch": 3.0, "triton": 1.5}[backend] * (2.0 if backend == "triton" and seq > 1000 else 1)
+
+    monkeypatch.setattr(model_module, "time_attention", fake_time)
+    cuda = torch.device("cuda")
+    assert auto_attention(4, 16, 512, 64, torch.bfloat16, cuda) == "triton"
+    assert auto_attention(4, 16, 2048, 64, torch.bfloat16, cuda) == "cudnn"
+    assert sorted(measured) == sorted(model_module.AUTO_ATTENTION_CANDIDATES * 2)
+    assert auto_attention(8, 16, 512, 64, torch.bfloat16, cuda) == "triton"  # another batch: same choice
+    assert len(measured) == 8
+    monkeypatch.setattr(model_module, "_AUTO_CHOICES", {})  # a new process: the file answers
+    monkeypatch.setattr(model_module, "time_attention", None)
+    assert auto_attention(4, 16, 2048, 64, torch.bfloat16, cuda) == "cudnn"
+    assert (tmp_path / "attention_auto.json").exists()

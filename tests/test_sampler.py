@@ -5,7 +5,7 @@ import torch
 
 from fasttrain.data.dataset import read_windows
 from fasttrain.data.indexed import IndexedDataset, IndexedDatasetWriter
-from fasttrain.data.sampler import TrainingStream
+from fasttrain.data.sampler import TrainingStream, iter_stacked_batches
 from fasttrain.data.schedule import ScheduleError
 
 SEQ_LEN = 15  # windows of 16 tokens
@@ -122,6 +122,22 @@ def test_prefetch_stops_when_abandoned(flat_split):
     import threading
 
     assert not [t for t in threading.enumerate() if t.name == "fasttrain-prefetch"]
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_stacked_batches_are_each_streams_batches(flat_split, prefetch):
+    # The trainer's reader: every run's batch of a step, stacked, the same whether read ahead in a thread or not.
+    streams = [make_stream(flat_split, seed=0), make_stream(flat_split, f=0.5, E=4, placement="even", seed=1)]
+    for stream in streams:
+        stream.lookup_block = 40  # lookup blocks end inside the range
+    got = list(iter_stacked_batches(streams, 3, 12, 16, rank=1, world_size=2, prefetch=prefetch))
+    assert len(got) == 12
+    for step, (tokens, repeated) in zip(range(3, 15), got):
+        assert tokens.shape == (2, 8, SEQ_LEN + 1) and tokens.dtype == torch.int64
+        for k, stream in enumerate(streams):
+            assert torch.equal(tokens[k], stream.batch(step, 16, 1, 2))
+            assert np.array_equal(repeated[k], stream.describe_batch(step, 16)["is_repeated"][8:])
+    assert not torch.equal(got[0][0][0], got[0][0][1])
 
 
 def test_steps_outside_the_schedule(flat_split):

@@ -135,8 +135,8 @@ def test_repeated_subset_is_nested_across_repeat_counts():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(repeated_fraction=-0.1), r"\[0, 1\)"),
-        (dict(repeated_fraction=1.0), r"\[0, 1\)"),
+        (dict(repeated_fraction=-0.1), r"\[0, 1\]"),
+        (dict(repeated_fraction=1.01), r"\[0, 1\]"),
         (dict(repeat_count=0), "integer >= 1"),
         (dict(repeat_count=2.5), "integer >= 1"),
         (dict(repeated_fraction=0.1, repeat_count=1), "repeats nothing"),

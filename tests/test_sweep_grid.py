@@ -7,6 +7,7 @@ import yaml
 
 from fasttrain.sweep.grid import SweepError, expand, load_sweep, run_name, spec_from_dict
 from fasttrain.config import config_differences
+from fasttrain.sweep.plan import budget_note
 from fasttrain.sweep.runner import eval_command, prepare_run_folder, train_command
 
 
@@ -71,7 +72,7 @@ def test_fixed_and_per_size_budgets_and_overrides(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"grid": {"sizes": ["7m"]}}, "unknown preset '7m'"),
     ({"grid": {"sizes": ["100k"], "repeat_count": [1]}}, "at least 2"),
-    ({"grid": {"sizes": ["100k"], "repeated_fraction": [1.5]}}, r"must be in \[0, 1\)"),
+    ({"grid": {"sizes": ["100k"], "repeated_fraction": [1.5]}}, r"must be in \[0, 1\]"),
     ({"grid": {"sizes": ["100k"], "color": [1]}}, "unknown axis"),
     ({"budget": {"tokens": 1e6, "steps": 3}}, "exactly one of"),
     ({"budget": {"tokens": {"100k": 1e6}}}, "no value for size 340k"),
@@ -118,6 +119,17 @@ def test_commands_plain_deepspeed_and_eval(tmp_path):
     assert eval_command([run], True)[3:] == ["eval", run.run_dir, "--json", os.path.join("{run}", "eval.json")]
     with pytest.raises(SweepError, match="not a metric"):
         spec_from_dict(sweep_tree(tmp_path, evaluate=["test", "perplexity"]))
+    # eval_options pass through to `fasttrain eval`
+    spec = spec_from_dict(sweep_tree(tmp_path, evaluate=True, eval_options={"copies": 11, "tokens": "1_000_000"}))
+    assert spec.eval_options == {"copies": 11, "tokens": 1000000}
+    assert spec_from_dict(spec.to_dict()).eval_options == spec.eval_options
+    assert eval_command([run], True, options=spec.eval_options)[-4:] == ["--copies", "11", "--tokens", "1000000"]
+    for options, message in (({"copies": 1}, "eval_options.copies: 1 must be at least 2"),
+                             ({"copy": 3}, "eval_options.copy: unknown option"),
+                             ({"tokens": 2.5}, "eval_options.tokens: expected an integer"),
+                             ([11], "eval_options: expected a mapping")):
+        with pytest.raises(SweepError, match=message):
+            spec_from_dict(sweep_tree(tmp_path, eval_options=options))
 
 
 @pytest.mark.parametrize("scale", [1, 2, 3])
@@ -129,9 +141,10 @@ def test_demo_grid(tmp_path, scale):
     s = demo_scale(scale)
     assert len(runs) == len(s.sizes) * (1 + len(s.repeat_counts))
     assert sum(r.is_baseline for r in runs) == len(s.sizes)
-    # a repeated run sees the same number of tokens as its baseline; every repeat count places whole sequences
+    # every run of every size sees the same number of tokens; every repeat count places whole sequences
+    assert len({r.tokens for r in runs}) == 1
     for r in runs:
-        assert abs(r.tokens - s.tokens[r.size]) <= s.global_batch * s.seq_len
+        assert abs(r.tokens - s.tokens) <= s.global_batch * s.seq_len
         assert r.config.optim.lr == s.lr[r.size]
         S = r.config.train.steps * r.config.train.global_batch
         assert r.is_baseline or r.repeated_fraction * S / r.repeat_count >= 0.5  # rounds to >= 1 sequence
@@ -139,6 +152,9 @@ def test_demo_grid(tmp_path, scale):
     params = sorted({r.params for r in runs})
     assert len(params) == len(s.sizes) and params == [r.params for r in runs if r.is_baseline]
     assert spec.evaluate
+    # evaluations during training: `evaluations` of them, the last at the end
+    steps = runs[0].config.train.steps
+    assert runs[0].config.train.eval_every == steps // s.evaluations
 
 
 def test_demo_sweep_file_matches_the_demo_grid(tmp_path):
@@ -153,6 +169,90 @@ def test_demo_sweep_file_matches_the_demo_grid(tmp_path):
         ta, tb = a.config.to_dict(), b.config.to_dict()
         ta["data"].pop("path"), tb["data"].pop("path")
         assert ta == tb, a.name
+
+
+def test_default_budget_gives_every_size_the_same_tokens(tmp_path):
+    tree = sweep_tree(tmp_path)
+    del tree["budget"]
+    runs = expand(spec_from_dict(tree))
+    largest = 335_712  # 340k, non-embedding
+    assert {r.tokens for r in runs} == {round(20 * largest / (8 * 64)) * 8 * 64}
+    assert budget_note(runs) == ""
+    # per-size budgets stay possible; the dry run warns that they confound N with D
+    tree["budget"] = {"tokens_per_param": 20}
+    runs = expand(spec_from_dict(tree))
+    assert len({r.tokens for r in runs}) == 2
+    assert budget_note(runs).startswith("note: the baselines train on different token budgets D (100k 2")
+    assert "the report's effective sizes need the same D for every size" in budget_note(runs)
+
+
+def test_whole_budget_repetition_is_a_repeated_fraction_of_one(tmp_path):
+    tree = sweep_tree(tmp_path)
+    tree["grid"] = {"sizes": ["100k"], "repeated_fraction": [1.0], "repeat_count": [4], "placement": ["even"]}
+    runs = expand(spec_from_dict(tree))
+    assert [r.name for r in runs] == ["100k_f0_s0", "100k_f1_E4_even_s0"]
+    assert runs[1].config.data.repeated_fraction == 1.0
+
+
+def has_init_from() -> bool:
+    import dataclasses
+
+    from fasttrain.config import TrainConfig
+
+    return "init_from" in {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+@pytest.mark.parametrize("finetune, message", [
+    ({"budget": {"tokens": 1e5}}, "finetune: no data to fine-tune on; give finetune.data.path"),
+    ({"data": {"seq_len": 64}, "budget": {"tokens": 1e5}}, "finetune: no data to fine-tune on"),
+    ({"data": {"path": "x"}}, r"finetune.budget: missing"),
+    ({"data": {"path": "x"}, "budget": {"epochs": 1}}, "finetune.budget: give exactly one of"),
+    ({"data": {"path": "x"}, "budget": {"steps": 5}, "model": {}}, "finetune.model: unknown key"),
+    ([1, 2], "finetune: expected a mapping"),
+])
+def test_bad_finetune_stage_is_a_one_line_error(tmp_path, finetune, message, capsys):
+    with pytest.raises(SweepError, match=message):
+        spec_from_dict(sweep_tree(tmp_path, finetune=finetune))
+    if message.startswith("finetune: no data"):
+        from fasttrain.sweep.cli import main as sweep_main
+
+        path = tmp_path / "sweep.yaml"
+        path.write_text(yaml.safe_dump(sweep_tree(tmp_path, finetune=finetune)))
+        assert sweep_main(["sweep", str(path), "--dry-run", "--no-measure"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: finetune: no data to fine-tune on") and err.count("\n") == 1
+
+
+@pytest.mark.skipif(not has_init_from(), reason="needs train.init_from in the run config")
+def test_finetune_stage_adds_a_run_per_run_that_starts_from_it(tmp_path):
+    tree = sweep_tree(tmp_path, finetune={"data": {"path": str(tmp_path / "other")}, "budget": {"steps": 30},
+                                          "optim": {"lr": 2e-4, "warmup_steps": 3}})
+    tree["grid"] = {"sizes": ["100k", "340k"], "repeated_fraction": [0.1], "repeat_count": [4]}
+    runs = expand(spec_from_dict(tree))
+    pretrain, finetune = runs[:4], runs[4:]
+    assert [r.name for r in finetune] == [r.name + "_ft" for r in pretrain]
+    for ft, src in zip(finetune, pretrain):
+        c = ft.config
+        assert (ft.source, ft.stage, src.stage) == (src.name, "finetune", "pretrain")
+        assert c.train.init_from == src.run_dir and c.train.out_dir == src.run_dir + "_ft"
+        assert c.data.path == str(tmp_path / "other") and c.data.repeated_fraction == 0.0
+        assert (c.train.steps, c.optim.lr, c.optim.warmup_steps) == (30, 2e-4, 3)
+        assert (c.model.n_layer, c.model.d_model) == (src.config.model.n_layer, src.config.model.d_model)
+        assert (ft.repeated_fraction, ft.repeat_count) == (src.repeated_fraction, src.repeat_count)
+        assert ft.axes()["source"] == src.name
+
+
+@pytest.mark.skipif(not has_init_from(), reason="needs train.init_from in the run config")
+def test_demo_finetune_sweep_file_matches_the_demo_with_its_finetune_stage(tmp_path, monkeypatch):
+    from fasttrain.sweep.demo import demo_spec
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.chdir(tmp_path)  # the file's paths are relative: demo/data, demo/data_finetune
+    from_file = expand(load_sweep(os.path.join(root, "configs", "demo_finetune_sweep.yaml")))
+    from_demo = expand(demo_spec(str(tmp_path / "demo"), 1, finetune=True))
+    assert [r.name for r in from_file] == [r.name for r in from_demo] and len(from_file) == 30
+    for a, b in zip(from_file, from_demo):
+        assert a.config.to_dict() == b.config.to_dict(), a.name
 
 
 def test_slurm_settings_are_validated(tmp_path):

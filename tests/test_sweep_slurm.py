@@ -269,3 +269,26 @@ def test_second_trainer_on_a_busy_run_folder_is_refused(slurm_cluster, tmp_path,
     err = second.stderr.strip()
     assert err.count("\n") == 0 and err.startswith("error: ") and str(run_dir) in err
     assert socket.gethostname().split(".")[0] in err and re.search(r"pid \d+", err), err
+
+
+def test_a_job_file_that_would_run_code_is_refused(tmp_path):
+    # What a Slurm job loads first is submitit's pickle of its work: a planted payload must not run.
+    import cloudpickle
+    from submitit.core.utils import DelayedSubmission
+
+    from fasttrain.sweep.slurm_job import JobFailed, check_submitted, run_job
+
+    genuine = tmp_path / "1_submitted.pkl"
+    genuine.write_bytes(cloudpickle.dumps(DelayedSubmission(run_job, {"run_dirs": ["/r"], "train": None,
+                                                                      "evaluate": None})))
+    check_submitted(str(genuine))  # what submit() writes passes
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+
+    planted = tmp_path / "2_submitted.pkl"
+    planted.write_bytes(cloudpickle.dumps(DelayedSubmission(run_job, {"run_dirs": [Payload()]})))
+    with pytest.raises(JobFailed, match="refused: the job file names posix.system"):
+        check_submitted(str(planted))
+    assert not os.path.exists(tmp_path / "ran")

@@ -226,3 +226,29 @@ def test_out_of_memory_fails_with_one_line(dataset_dir, tmp_path, monkeypatch, c
     assert cli.main(["train", "--config", _write_cfg(tmp_path, _cfg(dataset_dir, tmp_path / "run"))]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: out of GPU memory: lower train.micro_batch")
+
+
+def test_mfu_is_over_the_datasheet_peak_with_the_measured_matmul_beside_it(monkeypatch):
+    from fasttrain import device
+    from fasttrain.train.metrics import step_record
+
+    record = step_record(10, 1000, 2.0, 1e-3, 0.5, steps_timed=10, elapsed=2.0, flops_per_step=1e12,
+                         peak_flops=1e13, matmul_flops=8e12)
+    assert record["tokens_per_s"] == 5000
+    assert record["mfu"] == pytest.approx(0.5) and record["mfu_vs_matmul"] == pytest.approx(0.625)
+    assert not {"mfu", "mfu_vs_matmul"} & set(step_record(10, 1000, 2.0, 1e-3, 0.5, 10, 2.0, 1e12, None, None))
+    for name, peak in {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 NVL": 835e12, "NVIDIA H100 PCIe": 756e12,
+                       "NVIDIA H200": 989e12, "NVIDIA A100-SXM4-80GB": 312e12, "Some Other GPU": None}.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None, name=name: name)
+        assert device.peak_flops(torch.device("cuda")) == peak
+    assert device.peak_flops(torch.device("cpu")) is None
+
+
+def test_engines_read_batches_ahead_on_a_gpu_only(dataset_dir, tmp_path):
+    # A reader thread overlaps the GPU's work; on a CPU it competes with the step for the cores.
+    from fasttrain.config import config_from_dict
+
+    engine = Engine([config_from_dict(_cfg(dataset_dir, tmp_path / "r"))])
+    assert engine.read_ahead == 0
+    engine.device = torch.device("cuda")
+    assert engine.read_ahead == 2

@@ -134,6 +134,11 @@ def test_sweeps_group_their_runs_under_the_sweep_folder(tmp_path):
         ("repeat-small", "100k_f0_s0"), ("repeat-small", "100k_f0.1_E2_uniform_s0"),
         ("repeat-small", "100k_f0.1_E4_uniform_s0")]
     assert all(r.config.train.wandb.project == "p" for r in runs)
+    tree["finetune"] = {"data": {"path": str(tmp_path / "code")}, "budget": {"steps": 5}}
+    finetunes = [r for r in expand(spec_from_dict(tree)) if r.source]
+    assert [(r.config.train.wandb.group, r.config.train.wandb.name) for r in finetunes][0] == (
+        "repeat-small", "100k_f0_s0_ft")
+    del tree["finetune"]
     tree["base"]["train"]["wandb"]["group"] = "mine"
     assert {r.config.train.wandb.group for r in expand(spec_from_dict(tree))} == {"mine"}
     del tree["base"]["train"]["wandb"]

@@ -152,39 +152,8 @@ class TrainingStream:
                 yield (batch, repeated[k]) if with_repeated else batch
 
     def _prefetching(self, steps, global_batch, rank, world_size, prefetch, with_repeated):
-        slots = queue.Queue(maxsize=prefetch)
-        stop = threading.Event()
-
-        def produce():
-            try:
-                for item in self._read_steps(steps, global_batch, rank, world_size, with_repeated):
-                    while not stop.is_set():
-                        try:
-                            slots.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
-                        return
-            except BaseException as e:  # handed to the consumer, raised there
-                slots.put(e)
-
-        worker = threading.Thread(target=produce, name="fasttrain-prefetch", daemon=True)
-        worker.start()
-        try:
-            for _ in steps:
-                item = slots.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            while worker.is_alive():
-                try:
-                    slots.get_nowait()
-                except queue.Empty:
-                    pass
-                worker.join(timeout=0.05)
+        return read_ahead(self._read_steps(steps, global_batch, rank, world_size, with_repeated), len(steps),
+                          prefetch)
 
     def describe_batch(self, step, global_batch):
         """Which windows make up global batch `step`: dict of numpy arrays (one entry per sequence)."""
@@ -200,6 +169,69 @@ class TrainingStream:
 
     def __repr__(self):
         return f"TrainingStream(seq_len={self.seq_len}, {self.schedule!r})"
+
+
+def read_ahead(items, count, prefetch):
+    """Yield the first `count` items of the iterator `items`, produced in a background thread that holds at
+    most `prefetch` of them ahead. An exception in the thread is raised here; closing the generator (or
+    breaking out of the loop) stops the thread."""
+    slots = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        slots.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as e:  # handed to the consumer, raised there
+            slots.put(e)
+
+    worker = threading.Thread(target=produce, name="fasttrain-prefetch", daemon=True)
+    worker.start()
+    try:
+        for _ in range(count):
+            item = slots.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():
+            try:
+                slots.get_nowait()
+            except queue.Empty:
+                pass
+            worker.join(timeout=0.05)
+
+
+def iter_stacked_batches(streams, start_step, num_steps, global_batch, rank=0, world_size=1, prefetch=0,
+                         pin_memory=False):
+    """The batches of several streams (the runs of a pack, or one run) step by step: (tokens, repeated) with
+    tokens (len(streams), global_batch // world_size, seq_len + 1) int64, stream k's batch() of the step in
+    tokens[k], and repeated the list of each stream's per-sequence numpy bools.
+
+    prefetch >= 1: every stream is read, and the step stacked, in one background thread holding at most
+    `prefetch` steps ahead, so that on a GPU reading K streams overlaps the device's work instead of
+    standing between two steps; prefetch=0 reads each step when it is asked for. pin_memory: stack into
+    page-locked memory, from which a copy to a GPU is asynchronous."""
+    readers = [stream.iter_batches(start_step, num_steps, global_batch, rank=rank, world_size=world_size,
+                                   prefetch=0, with_repeated=True) for stream in streams]
+
+    def steps():
+        for read in zip(*readers):
+            tokens = torch.empty((len(read), *read[0][0].shape), dtype=torch.int64, pin_memory=pin_memory)
+            torch.stack([batch for batch, _ in read], out=tokens)
+            yield tokens, [repeated for _, repeated in read]
+
+    if prefetch < 1:
+        return steps()
+    return read_ahead(steps(), num_steps, prefetch)
 
 
 def open_training_stream(cfg, verify=True, pin_memory=None):

@@ -1,7 +1,8 @@
 """Exact repetition schedules: which training window sits at each position of the training stream.
 
 A schedule over S sequence positions draws n_rep = round(f * S / E) repeated windows, each placed exactly
-E times, and S - E * n_rep unique windows, each placed once, from the train split's windows. Nothing is
+E times, and S - E * n_rep unique windows, each placed once (f = 1: n_rep = floor(S / E), so the whole
+budget is E passes over the repeated windows and the S mod E < E sequences left over are unique), from the train split's windows. Nothing is
 stored: every lookup evaluates keyed pseudo-random permutations (Feistel networks with cycle walking), so
 the order is a pure function of (available windows, S, f, E, placement, seed), identical on every machine,
 and any position can be looked up in O(1) time and memory, which makes resuming at any step free.
@@ -176,7 +177,7 @@ class RepetitionSchedule:
     Args:
         num_available_windows: windows of the train split (num_windows(train, seq_len)).
         num_sequences: S, sequences in the whole training run (steps * global batch).
-        repeated_fraction: f in [0, 1), the share of the S sequences that come from the repeated subset.
+        repeated_fraction: f in [0, 1], the share of the S sequences that come from the repeated subset.
         repeat_count: E, how many times each repeated window is seen (>= 2 when f > 0).
         placement: "uniform" (default) or "even" (see the module docstring).
         seed: selects the repeated/unique windows and the order.
@@ -198,8 +199,8 @@ class RepetitionSchedule:
             E = int(E)
         if not isinstance(E, (int, np.integer)) or isinstance(E, bool) or E < 1:
             raise ScheduleError(f"repeat_count must be an integer >= 1, got {repeat_count!r}")
-        if not 0.0 <= float(f) < 1.0:
-            raise ScheduleError(f"repeated_fraction must be in [0, 1), got {f!r}")
+        if not 0.0 <= float(f) <= 1.0:
+            raise ScheduleError(f"repeated_fraction must be in [0, 1], got {f!r}")
         if f > 0 and E == 1:
             raise ScheduleError(
                 "repeated_fraction > 0 with repeat_count = 1 repeats nothing; use repeat_count >= 2, "
@@ -217,7 +218,10 @@ class RepetitionSchedule:
         self.seed = int(seed)
         self.tokens_per_window = tokens_per_window
 
-        n_rep = _round_half_up(f * S / E) if f > 0 else 0
+        if f == 1.0:  # the whole budget: E passes (epochs) over floor(S / E) windows
+            n_rep = S // E
+        else:
+            n_rep = _round_half_up(f * S / E) if f > 0 else 0
         if f > 0 and n_rep == 0:
             raise ScheduleError(
                 f"round(f * S / E) = round({f} * {S} / {E}) = 0 repeated sequences; raise the repeated "

@@ -7,12 +7,16 @@ import torch
 
 from fasttrain.checkpoint.deepspeed import export_consolidated
 from fasttrain.checkpoint.files import resolve_checkpoint
+from fasttrain.eval.copying import PAPER_COPIES, check_copies
 from fasttrain.eval.export import export_checkpoint
 from fasttrain.eval.run import ALL_METRICS, evaluate_checkpoint, format_table, parse_metrics
 
 
 def cmd_eval(args) -> None:
     parse_metrics(args.metrics)  # a typo fails before any model is loaded
+    check_copies(args.copies)
+    if args.tokens is not None and args.tokens < 1:
+        raise ValueError(f"--tokens {args.tokens}: the evaluation token budget must be at least 1")
     # Several runs in one process: the interpreter, CUDA context and tuned kernels are paid for once.
     several = len(args.checkpoint) > 1
     if args.json and several and "{run}" not in args.json:
@@ -31,7 +35,7 @@ def cmd_eval(args) -> None:
             jobs.append((source, out))
     for i, (path, out) in enumerate(jobs):
         doc, written = evaluate_checkpoint(path, dataset_path=args.dataset, metrics=args.metrics, tokens=args.tokens,
-                                           out=out, device=args.device, config=args.config)
+                                           out=out, device=args.device, config=args.config, copies=args.copies)
         if i:
             print()
         print(format_table(doc))
@@ -60,7 +64,12 @@ def register(subparsers) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN", nargs="+",
                    help="one or more; several are evaluated in one process, one after the other")
     p.add_argument("--dataset", help="prepared dataset folder (default: the run's data.path)")
-    p.add_argument("--tokens", type=int, help="tokens per loss metric (default: the run's train.eval_tokens)")
+    p.add_argument("--tokens", type=int,
+                   help="tokens each metric reads, which sets how many windows, passages, contexts and sequences "
+                        "it averages (default: the run's train.eval_tokens)")
+    p.add_argument("--copies", type=int, default=PAPER_COPIES,
+                   help=f"copying: times the passage is placed in one context, at least 2 (default {PAPER_COPIES}, "
+                        "the paper's); the passage is (seq_len - 1) // copies tokens")
     p.add_argument("--json", metavar="OUT",
                    help="where to write the JSON document (a folder with --all); with several checkpoints a path "
                         "containing {run}, replaced by each argument (e.g. '{run}/eval.json')")

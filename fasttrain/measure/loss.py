@@ -8,6 +8,10 @@ Held-out test loss (fixed definition):
   (first and last included), so the sample is deterministic and covers every part of the split.
 - Loss: mean next-token cross-entropy in nats over every predicted token of those windows (seq_len per
   window), at every context length from 1 to seq_len, as in training.
+- Standard error (test_loss_stderr): of the mean of the per-window losses, windows grouped by the document
+  holding their middle token (windows of one document are correlated; fasttrain.measure.stats); None when
+  the windows come from a single document. The same holds for repeated_loss_stderr and
+  seen_unique_loss_stderr (train-split documents).
 - Bits per byte: the summed loss in bits divided by the UTF-8 bytes of the predicted tokens (a byte-level
   BPE token stands for exactly len(token) bytes; end-of-text counts 0 bytes but its loss counts). It
   compares models with different tokenizers.
@@ -35,15 +39,20 @@ import numpy as np
 import torch
 
 from fasttrain.data.sampler import TrainingStream
-from fasttrain.measure.windows import count_windows, evenly_spaced, read_windows, token_byte_lengths, token_losses
+from fasttrain.measure.stats import mean_and_stderr
+from fasttrain.measure.windows import (count_windows, evenly_spaced, read_windows, token_byte_lengths, token_losses,
+                                       window_documents)
 
 
 def windows_loss(model, dataset, split: str, window_ids, seq_len: int, batch_size: int, device=None,
                  byte_lengths: np.ndarray | None = None) -> dict:
-    """Mean loss (nats/token), bits per byte and token count over the given windows of a split."""
+    """Mean loss (nats/token), its standard error, bits per byte and token count over the given windows of a
+    split."""
     windows = read_windows(dataset, split, window_ids, seq_len)
-    losses = token_losses(model, windows, batch_size, device)
-    return loss_record(float(losses.double().sum()), int(losses.numel()), predicted_bytes(dataset, windows, byte_lengths))
+    losses = token_losses(model, windows, batch_size, device).double()
+    _, stderr = mean_and_stderr(losses.mean(dim=1).numpy(), window_documents(dataset, split, window_ids, seq_len))
+    return loss_record(float(losses.sum()), int(losses.numel()), predicted_bytes(dataset, windows, byte_lengths),
+                       stderr)
 
 
 def predicted_bytes(dataset, windows: np.ndarray, byte_lengths: np.ndarray | None = None) -> int:
@@ -53,9 +62,10 @@ def predicted_bytes(dataset, windows: np.ndarray, byte_lengths: np.ndarray | Non
     return int(byte_lengths[np.clip(windows[:, 1:], 0, len(byte_lengths) - 1)].sum())
 
 
-def loss_record(total_nats: float, tokens: int, n_bytes: int) -> dict:
-    return {"loss": total_nats / max(tokens, 1), "bits_per_byte": total_nats / math.log(2) / max(n_bytes, 1),
-            "tokens": tokens}
+def loss_record(total_nats: float, tokens: int, n_bytes: int, stderr: float | None = None) -> dict:
+    """stderr: of the loss (see the module docstring; None when it cannot be estimated)."""
+    return {"loss": total_nats / max(tokens, 1), "stderr": stderr,
+            "bits_per_byte": total_nats / math.log(2) / max(n_bytes, 1), "tokens": tokens}
 
 
 def heldout_window_ids(dataset, seq_len: int, max_tokens: int) -> np.ndarray:
@@ -68,7 +78,8 @@ def heldout_window_ids(dataset, seq_len: int, max_tokens: int) -> np.ndarray:
 
 
 def heldout_record(result: dict) -> dict:
-    return {"test_loss": result["loss"], "test_bits_per_byte": result["bits_per_byte"], "test_tokens": result["tokens"]}
+    return {"test_loss": result["loss"], "test_loss_stderr": result["stderr"],
+            "test_bits_per_byte": result["bits_per_byte"], "test_tokens": result["tokens"]}
 
 
 @torch.no_grad()
@@ -99,6 +110,7 @@ def repeated_subset_loss(model, dataset, schedule, seq_len: int, max_tokens: int
         times_seen = float(np.mean(seen))
     return {
         "repeated_loss": result["loss"],
+        "repeated_loss_stderr": result["stderr"],
         "repeated_bits_per_byte": result["bits_per_byte"],
         "repeated_tokens": result["tokens"],
         "repeated_windows_total": int(schedule.n_rep),
@@ -133,6 +145,7 @@ def seen_unique_loss(model, dataset, schedule, seq_len: int, trained_sequences: 
     result = windows_loss(model, dataset, "train", window_ids, seq_len, batch_size, device, byte_lengths)
     return {
         "seen_unique_loss": result["loss"],
+        "seen_unique_loss_stderr": result["stderr"],
         "seen_unique_bits_per_byte": result["bits_per_byte"],
         "seen_unique_tokens": result["tokens"],
     }

@@ -10,9 +10,14 @@ Prefix-matching score of a head (fixed definition):
   4 times: 101 tokens. Distinct, so every token has one well-defined successor.
 - Score: for every token in repeats 2-4, the attention it pays to the tokens that followed its earlier
   occurrences (summed over all earlier repeats, so a head that always attends to the right place scores
-  1 whether it picks the latest or an older repeat), averaged over those 75 tokens and over 10 sequences
+  1 whether it picks the latest or an older repeat), averaged over those 75 tokens and over the sequences,
   drawn with a fixed seed. Attention probabilities are computed in fp32 by an explicit softmax.
-- Reported: every head's score (layers x heads), the maximum per layer, and the best head overall.
+- Number of sequences: 10 (the paper's), or with a token budget max(10, tokens // 101), so that the
+  measurement reads about as many tokens as the test loss does.
+- Reported: every head's score (layers x heads), the maximum per layer, the best head overall, the number
+  of sequences, and the standard error of the best head's score over sequences (induction_score_max_stderr:
+  sample standard deviation of that head's per-sequence scores / sqrt(sequences); the choice of the best
+  head is not counted in it).
 """
 from __future__ import annotations
 
@@ -21,12 +26,21 @@ import math
 import numpy as np
 import torch
 
+from fasttrain.measure.stats import mean_and_stderr
 from fasttrain.measure.windows import evenly_spaced, model_device, special_token_ids
 
 FREQUENCY_SAMPLE_TOKENS = 1 << 24
 FREQUENCY_SAMPLE_CHUNKS = 64
 DROP_MOST_COMMON = 0.01
 KEEP_UNTIL = 0.5  # the least common half is dropped
+PAPER_SEQUENCES = 10  # Olsson et al. average over 10 sequences
+
+
+def sequences_for_budget(tokens: int | None, n_random: int = 25, repeats: int = 4) -> int:
+    """Prefix-matching sequences for a token budget: 10, or about tokens / sequence length when more."""
+    if tokens is None:
+        return PAPER_SEQUENCES
+    return max(PAPER_SEQUENCES, int(tokens) // (1 + n_random * repeats))
 
 
 def token_counts(dataset, sample_tokens: int = FREQUENCY_SAMPLE_TOKENS) -> np.ndarray | None:
@@ -84,34 +98,61 @@ def prefix_matching_targets(n_random: int, repeats: int) -> torch.Tensor:
     return mask
 
 
-@torch.no_grad()
-def prefix_matching_scores(model, pool: np.ndarray, start_id: int, n_random: int = 25, repeats: int = 4,
-                           n_sequences: int = 10, seed: int = 0, device=None) -> np.ndarray:
-    """Prefix-matching score of every head: array (n_layer, n_head)."""
+def check_fits(model, n_random: int, repeats: int) -> int:
+    """Length of a prefix-matching sequence; an error when the model's context cannot hold it."""
     T = 1 + n_random * repeats
     if T > model.context_length:
         raise ValueError(f"prefix matching needs 1 + {n_random} x {repeats} = {T} tokens but the model's context "
                          f"is {model.context_length}: use fewer random tokens or repeats")
+    return T
+
+
+@torch.no_grad()
+def prefix_matching_per_sequence(model, pool: np.ndarray, start_id: int, n_random: int = 25, repeats: int = 4,
+                                 n_sequences: int = 10, seed: int = 0, device=None,
+                                 batch_size: int = 32) -> np.ndarray:
+    """Prefix-matching score of every head on each sequence: array (n_sequences, n_layer, n_head)."""
+    check_fits(model, n_random, repeats)
     device = device or model_device(model)
     idx = torch.from_numpy(prefix_matching_sequences(pool, start_id, n_random, repeats, n_sequences, seed))
     mask = prefix_matching_targets(n_random, repeats).to(device)
     n_queries = n_random * (repeats - 1)
     model.eval()
-    _, probs = model.attention_probs(idx.to(device))
-    scores = [(p.float() * mask).sum(dim=(-1, -2)).mean(dim=0) / n_queries for p in probs]  # each (H,)
-    return torch.stack(scores).cpu().numpy()
+    out = []
+    for start in range(0, n_sequences, max(1, batch_size)):  # all layers' patterns of a batch are held at once
+        _, probs = model.attention_probs(idx[start:start + batch_size].to(device))
+        out.append(torch.stack([(p.float() * mask).sum(dim=(-1, -2)) / n_queries for p in probs], dim=1).cpu())
+    return torch.cat(out).numpy()  # (n, L, H)
 
 
-def induction_scores(model, dataset, n_random: int = 25, repeats: int = 4, n_sequences: int = 10,
-                     seed: int = 0, device=None) -> dict:
-    """Prefix-matching scores on sequences from the dataset's token pool (see the module docstring)."""
-    special = special_token_ids(dataset)
-    pool = token_pool(dataset.vocab_size, special, token_counts(dataset), min_size=n_random)
-    scores = prefix_matching_scores(model, pool, dataset.eot_id, n_random, repeats, n_sequences, seed, device)
+def prefix_matching_scores(model, pool: np.ndarray, start_id: int, n_random: int = 25, repeats: int = 4,
+                           n_sequences: int = 10, seed: int = 0, device=None, batch_size: int = 32) -> np.ndarray:
+    """Prefix-matching score of every head: array (n_layer, n_head)."""
+    return prefix_matching_per_sequence(model, pool, start_id, n_random, repeats, n_sequences, seed, device,
+                                        batch_size).mean(axis=0)
+
+
+def dataset_pool(dataset, n_random: int = 25) -> np.ndarray:
+    """The dataset's token pool for random sequences (see the module docstring)."""
+    return token_pool(dataset.vocab_size, special_token_ids(dataset), token_counts(dataset), min_size=n_random)
+
+
+def induction_scores(model, dataset, n_random: int = 25, repeats: int = 4, n_sequences: int | None = None,
+                     seed: int = 0, device=None, tokens: int | None = None, batch_size: int = 32) -> dict:
+    """Prefix-matching scores on sequences from the dataset's token pool (see the module docstring).
+    n_sequences: given, or from the token budget `tokens` (10 when neither is given)."""
+    n_sequences = int(n_sequences) if n_sequences is not None else sequences_for_budget(tokens, n_random, repeats)
+    if n_sequences < 1:
+        raise ValueError(f"prefix matching over {n_sequences} sequences: need at least 1")
+    per_sequence = prefix_matching_per_sequence(model, dataset_pool(dataset, n_random), dataset.eot_id, n_random,
+                                                repeats, n_sequences, seed, device, batch_size)
+    scores = per_sequence.mean(axis=0)
     layer, head = np.unravel_index(int(np.argmax(scores)), scores.shape)
     return {
         "induction_score_max": float(scores.max()),
+        "induction_score_max_stderr": mean_and_stderr(per_sequence[:, layer, head])[1],
         "induction_best_head": [int(layer), int(head)],
         "induction_score_per_layer": [float(s) for s in scores.max(axis=1)],
         "induction_scores": [[float(s) for s in row] for row in scores],
+        "induction_sequences": int(n_sequences),
     }

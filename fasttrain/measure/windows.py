@@ -39,6 +39,19 @@ def read_windows(dataset, split: str, window_ids, seq_len: int) -> np.ndarray:
     return read_split_windows(split_of(dataset, split), ids, seq_len, out=out)
 
 
+def window_documents(dataset, split: str, window_ids, seq_len: int) -> np.ndarray:
+    """The document of each window (of seq_len + 1 tokens): the one holding its middle token. A document is
+    the run of sequences between two doc_idx entries (one sequence per document in the files we write).
+    Binary searches in the index: nothing proportional to the split's size is read."""
+    s = split_of(dataset, split)
+    middle = np.asarray(window_ids, dtype=np.int64) * (seq_len + 1) + seq_len // 2
+    sequence = np.searchsorted(s.pointers, middle * s.dtype.itemsize, side="right") - 1
+    doc_idx = s.doc_idx
+    if len(doc_idx) >= 2 and int(doc_idx[-1]) == len(s.sizes):
+        return np.searchsorted(doc_idx, sequence, side="right") - 1
+    return sequence
+
+
 def model_device(model) -> torch.device:
     return next(model.parameters()).device
 

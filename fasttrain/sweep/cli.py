@@ -62,16 +62,12 @@ def cmd_sweep(args) -> None:
 def cmd_report(args) -> None:
     from fasttrain.sweep.report import write_report
 
+    if args.bootstrap < 0:
+        raise ValueError(f"--bootstrap {args.bootstrap}: must be 0 (none) or more resamples")
     report, page = write_report(args.sweep_dir, args.out, bootstrap=args.bootstrap,
-                                fixed_irreducible=args.fixed_irreducible)
+                                fixed_irreducible=args.fixed_irreducible, predict_size=args.predict_size)
     for line in report.summary_lines():
         print(line)
-    if report.fit is not None:
-        f = report.fit
-        print(f"fit: L(N) = {f.irreducible:.4f} + {f.coefficient:.4g} * N^-{f.exponent:.4f}"
-              + (f" ({f.note})" if f.note else ""))
-    else:
-        print(f"no fit: {report.fit_error}")
     print(f"report written to {page}")
 
 
@@ -79,7 +75,8 @@ def cmd_demo(args) -> None:
     from fasttrain.sweep.demo import run_demo
 
     try:
-        run_demo(out_dir=args.out, scale=args.scale, jobs=args.jobs, max_bytes=args.max_bytes, pack=args.pack)
+        run_demo(out_dir=args.out, scale=args.scale, jobs=args.jobs, max_bytes=args.max_bytes, pack=args.pack,
+                 finetune=args.finetune)
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to continue where it stopped", file=sys.stderr)
         sys.exit(130)
@@ -119,14 +116,19 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser(
         "report", help="fit the scaling law, compute effective sizes, write plots and a report page",
-        description="Analyze a sweep folder (no training): fit L(N) = E_irr + A N^-alpha to the f = 0 "
-                    "baselines, give every repeated run its effective size, write PNG plots and report.md.",
+        description="Analyze a sweep folder (no training): fit the f = 0 baselines' loss at fixed data "
+                    "(L(N) = E_irr + A N^-alpha at one token budget, L(N, D) = E + A N^-alpha + B D^-beta over "
+                    "several), give every repeated run its effective size on test loss and copying, find the "
+                    "poor-performance band, write PNG plots and report.md.",
     )
     p.add_argument("sweep_dir", metavar="SWEEP_DIR")
     p.add_argument("--out", metavar="DIR", help="where to write the report (default: SWEEP_DIR/report)")
     p.add_argument("--bootstrap", type=int, default=300, help="bootstrap resamples for uncertainties (default 300)")
     p.add_argument("--fixed-irreducible", type=float, default=None, metavar="E_IRR",
-                   help="fix E_irr instead of fitting it (for sweeps with too few sizes)")
+                   help="fix E_irr instead of fitting it (for sweeps with too few sizes; L(N) only)")
+    p.add_argument("--predict-size", metavar="SIZE", default=None,
+                   help="untrained size to predict the poor-performance band at: a preset or a parameter count "
+                        "(default: the next preset above the largest size run)")
     p.set_defaults(func=cmd_report)
 
     p = subparsers.add_parser(
@@ -141,6 +143,9 @@ def register(subparsers) -> None:
                    help="processes at once (default: one per core up to 4 on a CPU, one per GPU)")
     p.add_argument("--pack", type=int, default=None, metavar="K",
                    help="runs trained together as one model (default: 1 on a CPU; on a GPU, each size's runs)")
+    p.add_argument("--finetune", action=argparse.BooleanOptionalAction, default=None,
+                   help="also fine-tune every run on unseen text and report the effective size after it "
+                        "(default: as the scale chooses)")
     p.add_argument("--max-bytes", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_demo)
 

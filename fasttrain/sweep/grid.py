@@ -14,22 +14,38 @@ token budget per size and an output folder:
       repeat_count: [2, 8, 32, 128]     # E
       placement: [uniform]              # uniform | even
       seeds: [0]                        # model init seed; the data seed is base data.seed + seed
-    budget: {tokens_per_param: 20}      # or {tokens: 2.0e6}, or {tokens: {100k: 1.0e6, 340k: 3.0e6}},
-                                        # or {steps: 500}; non-embedding parameters, tokens = steps * batch * seq_len
+    budget: {tokens: 2.0e6}             # the same training tokens D for every size (as the paper: 100B each);
+                                        # default {tokens_per_param_of_largest: 20}: 20 tokens per parameter
+                                        # of the largest size, for every size. Or {steps: 500}, or per size:
+                                        # {tokens_per_param: 20} or {tokens: {100k: 1.0e6, 340k: 3.0e6}}, whose
+                                        # effective sizes need an L(N, D) fit (see fasttrain.sweep.fit);
+                                        # non-embedding parameters, tokens = steps * batch * seq_len
     per_size:                           # optional config overrides for one size
       900k: {optim: {lr: 2.0e-3}}
     num_gpus: 1                         # > 1 (or base deepspeed.zero_stage > 0): runs go through the deepspeed launcher
     evaluate: false                     # true: run `fasttrain eval` after each run (all metrics), or a list
                                         # of metrics, e.g. [test, repeated, copying, induction]
+    eval_options: {copies: 11, tokens: 1.0e6}  # optional: `fasttrain eval --copies --tokens` for that evaluation
+                                        # (default: 11 copies; tokens = the runs' train.eval_tokens)
     pack: 1                             # > 1: train up to this many same-shape runs together as one stacked
                                         # model in one process (small models on a GPU); ignored with deepspeed
     executor:                           # optional: submit each job (a run, or a pack) to Slurm instead of
       slurm: {partition: gpu, time: "12:00:00"}   # running it here (keys: SlurmSettings below)
+    finetune:                           # optional: fine-tune every run (baselines too) after its pretraining
+      data: {path: data/other}          # required: a dataset prepared with the same tokenizer
+      budget: {tokens: 5.0e5}           # required: tokens or steps of fine-tuning
+      optim: {lr: 1.0e-3}               # optional overrides of the pretrained run's optim (and train)
+
+A repeated fraction of 1.0 repeats the whole budget: E passes over S / E windows (with placement even,
+epochs in order). A fine-tune run is an ordinary run, `NAME_ft`, whose config starts from the pretrained
+run's weights (train.init_from = its folder, a fresh optimizer), trains on finetune.data (unrepeated unless
+finetune.data says otherwise), and runs once its source run is done.
 
 Relative paths (out_dir, base data.path) are relative to the current directory, as for `fasttrain train`;
 run configs store them absolute. Run names are stable and readable: `340k_f0.1_E8_uniform_s0`, and
-`340k_f0_s0` for a baseline. With `train.wandb` in the base config, every run logs to Weights & Biases under
-its run name, in the group named after the sweep folder (unless base train.wandb.group names one).
+`340k_f0_s0` for a baseline, `340k_f0_s0_ft` for its fine-tune. With `train.wandb` in the base config, every
+run logs to Weights & Biases under its run name, in the group named after the sweep folder (unless base
+train.wandb.group names one).
 """
 from __future__ import annotations
 
@@ -44,9 +60,14 @@ import yaml
 from fasttrain.config import Config, ConfigError, config_from_dict
 from fasttrain.ladder import PRESETS, non_embedding_params
 
-SWEEP_KEYS = ("out_dir", "base", "grid", "budget", "per_size", "num_gpus", "evaluate", "pack", "executor")
+SWEEP_KEYS = ("out_dir", "base", "grid", "budget", "per_size", "num_gpus", "evaluate", "eval_options", "pack",
+              "executor", "finetune")
+EVAL_OPTIONS = {"copies": 2, "tokens": 1}  # options passed to `fasttrain eval`, with their smallest value
 GRID_KEYS = ("sizes", "repeated_fraction", "repeat_count", "placement", "seeds")
-BUDGET_KEYS = ("tokens_per_param", "tokens", "steps")
+BUDGET_KEYS = ("tokens_per_param_of_largest", "tokens", "steps", "tokens_per_param")
+DEFAULT_BUDGET = {"tokens_per_param_of_largest": 20.0}  # every size trains on the same tokens, as in the paper
+FINETUNE_KEYS = ("data", "budget", "optim", "train")
+FINETUNE_SUFFIX = "_ft"
 
 
 class SweepError(ValueError):
@@ -135,13 +156,15 @@ class SweepSpec:
     repeat_counts: list[int]
     placements: list[str] = field(default_factory=lambda: ["uniform"])
     seeds: list[int] = field(default_factory=lambda: [0])
-    budget: dict = field(default_factory=lambda: {"tokens_per_param": 20.0})
+    budget: dict = field(default_factory=lambda: dict(DEFAULT_BUDGET))
     per_size: dict = field(default_factory=dict)
     out_dir: str = "sweeps/default"
     num_gpus: int = 1
     evaluate: bool | list = False  # True (every metric) or a list of metric names
+    eval_options: dict = field(default_factory=dict)  # copies, tokens: passed to `fasttrain eval` as --copies, --tokens
     pack: int = 1  # runs trained together as one stacked model (1: each run in its own process)
     slurm: Optional[SlurmSettings] = None  # executor.slurm: submit the jobs to Slurm instead of running them here
+    finetune: Optional[dict] = None  # {data, budget, optim, train}: a fine-tune run after every run
 
     def to_dict(self) -> dict:
         return {
@@ -153,8 +176,10 @@ class SweepSpec:
             "per_size": self.per_size,
             "num_gpus": self.num_gpus,
             "evaluate": self.evaluate,
+            "eval_options": self.eval_options,
             "pack": self.pack,
             **({"executor": {"slurm": asdict(self.slurm)}} if self.slurm else {}),
+            **({"finetune": self.finetune} if self.finetune else {}),
         }
 
     def save(self, path: str) -> None:
@@ -171,7 +196,8 @@ class SweepSpec:
 
 @dataclass
 class RunSpec:
-    """One run of the grid: its name, axis values and resolved config (train.out_dir = its folder)."""
+    """One run of the grid: its name, axis values and resolved config (train.out_dir = its folder).
+    A fine-tune run keeps the axis values of the run it starts from (`source`)."""
     name: str
     size: str
     repeated_fraction: float
@@ -180,6 +206,11 @@ class RunSpec:
     seed: int
     config: Config
     params: int  # non-embedding parameters
+    source: Optional[str] = None  # fine-tune runs: the name of the pretrained run they start from
+
+    @property
+    def stage(self) -> str:
+        return "finetune" if self.source else "pretrain"
 
     @property
     def is_baseline(self) -> bool:
@@ -204,9 +235,12 @@ class RunSpec:
         return self.config.train.out_dir
 
     def axes(self) -> dict:
-        return {"size": self.size, "params": self.params, "repeated_fraction": self.repeated_fraction,
+        axes = {"size": self.size, "params": self.params, "repeated_fraction": self.repeated_fraction,
                 "repeat_count": self.repeat_count, "placement": self.placement if not self.is_baseline else None,
                 "seed": self.seed, "steps": self.config.train.steps, "tokens": self.tokens, "flops": self.flops}
+        if self.source:
+            axes.update(stage=self.stage, source=self.source)
+        return axes
 
 
 def format_number(x: float) -> str:
@@ -260,8 +294,8 @@ def spec_from_dict(tree: dict, source: str = "sweep file") -> SweepSpec:
             raise SweepError(f"grid.sizes: unknown preset '{s}' (choose from {', '.join(PRESETS)})")
     fractions = [_number(f, "grid.repeated_fraction") for f in _as_list(grid.get("repeated_fraction", [0.0]), "repeated_fraction")]
     for f in fractions:
-        if not 0.0 <= f < 1.0:
-            raise SweepError(f"grid.repeated_fraction: {f} must be in [0, 1)")
+        if not 0.0 <= f <= 1.0:
+            raise SweepError(f"grid.repeated_fraction: {f} must be in [0, 1] (1: the whole budget repeated)")
     repeated = [f for f in fractions if f > 0]
     counts = [_number(e, "grid.repeat_count", int) for e in _as_list(grid.get("repeat_count", [2]), "repeat_count")]
     for e in counts:
@@ -274,10 +308,7 @@ def spec_from_dict(tree: dict, source: str = "sweep file") -> SweepSpec:
             raise SweepError(f"grid.placement: '{p}' is not one of uniform, even")
     seeds = [_number(s, "grid.seeds", int) for s in _as_list(grid.get("seeds", [0]), "seeds")]
 
-    budget = tree.get("budget") or {"tokens_per_param": 20.0}
-    if not isinstance(budget, dict) or len(set(budget) & set(BUDGET_KEYS)) != 1 or set(budget) - set(BUDGET_KEYS):
-        raise SweepError("budget: give exactly one of tokens_per_param, tokens or steps "
-                         "(a number, or a mapping from size to number)")
+    budget = _check_budget(tree.get("budget") or dict(DEFAULT_BUDGET), "budget")
     per_size = tree.get("per_size") or {}
     if not isinstance(per_size, dict):
         raise SweepError("per_size: expected a mapping from size to config overrides")
@@ -302,6 +333,16 @@ def spec_from_dict(tree: dict, source: str = "sweep file") -> SweepSpec:
                              f"(choose from {', '.join(ALL_METRICS)}, or true for all)")
     elif not isinstance(evaluate, bool):
         raise SweepError(f"evaluate: expected true, false or a list of metrics, got {evaluate!r}")
+    eval_options = tree.get("eval_options") or {}
+    if not isinstance(eval_options, dict):
+        raise SweepError(f"eval_options: expected a mapping with {' and/or '.join(EVAL_OPTIONS)}, got {eval_options!r}")
+    for key in eval_options:
+        if key not in EVAL_OPTIONS:
+            raise SweepError(f"eval_options.{key}: unknown option (valid: {', '.join(EVAL_OPTIONS)})")
+    eval_options = {key: _number(value, f"eval_options.{key}", int) for key, value in eval_options.items()}
+    for key, value in eval_options.items():
+        if value < EVAL_OPTIONS[key]:
+            raise SweepError(f"eval_options.{key}: {value} must be at least {EVAL_OPTIONS[key]}")
     pack = _number(tree.get("pack", 1), "pack", int) if not isinstance(tree.get("pack"), bool) else 0
     if pack < 1:
         raise SweepError(f"pack: {tree.get('pack')!r} must be an integer of at least 1 "
@@ -318,11 +359,39 @@ def spec_from_dict(tree: dict, source: str = "sweep file") -> SweepSpec:
                 num_gpus = _number(slurm_tree["gpus_per_run"], "executor.slurm.gpus_per_run", int) * \
                     _number(slurm_tree.get("nodes", 1), "executor.slurm.nodes", int)
             slurm = slurm_settings_from_dict(slurm_tree, num_gpus)
+    finetune = _check_finetune(tree.get("finetune")) if tree.get("finetune") is not None else None
     return SweepSpec(base=base, sizes=_unique(sizes), repeated_fractions=_unique(repeated),
                      repeat_counts=_unique(counts), placements=_unique(placements), seeds=_unique(seeds),
                      budget=budget, per_size={str(k): v for k, v in per_size.items()},
                      out_dir=str(tree.get("out_dir") or "sweeps/default"), num_gpus=num_gpus, evaluate=evaluate,
-                     pack=pack, slurm=slurm)
+                     eval_options=eval_options, pack=pack, slurm=slurm, finetune=finetune)
+
+
+def _check_budget(budget: Any, key: str) -> dict:
+    if not isinstance(budget, dict) or len(set(budget) & set(BUDGET_KEYS)) != 1 or set(budget) - set(BUDGET_KEYS):
+        raise SweepError(f"{key}: give exactly one of tokens, steps, tokens_per_param_of_largest or "
+                         "tokens_per_param (a number, or a mapping from size to number)")
+    return budget
+
+
+def _check_finetune(tree: Any) -> dict:
+    """The finetune: stage of a sweep file, checked: data (with a path) and budget required."""
+    if not isinstance(tree, dict):
+        raise SweepError("finetune: expected a mapping with data, budget and optionally optim and train")
+    unknown = sorted(set(tree) - set(FINETUNE_KEYS))
+    if unknown:
+        raise SweepError(f"finetune.{unknown[0]}: unknown key (valid keys: {', '.join(FINETUNE_KEYS)})")
+    data = tree.get("data")
+    if not isinstance(data, dict) or not data.get("path"):
+        raise SweepError("finetune: no data to fine-tune on; give finetune.data.path, a dataset prepared with "
+                         "the pretraining's tokenizer (fasttrain prepare --tokenizer)")
+    if tree.get("budget") is None:
+        raise SweepError("finetune.budget: missing; give the fine-tuning's tokens or steps, e.g. {tokens: 5.0e5}")
+    _check_budget(tree["budget"], "finetune.budget")
+    for key in ("optim", "train"):
+        if not isinstance(tree.get(key) or {}, dict):
+            raise SweepError(f"finetune.{key}: expected a mapping of {key} config overrides")
+    return tree
 
 
 def _unique(items: list) -> list:
@@ -358,33 +427,81 @@ def _merge(base: dict, extra: dict) -> dict:
 def _per_size_value(budget_value: Any, size: str, key: str) -> float:
     if isinstance(budget_value, dict):
         if size not in budget_value:
-            raise SweepError(f"budget.{key}: no value for size {size} (give one for every size in grid.sizes)")
+            raise SweepError(f"{key}: no value for size {size} (give one for every size in grid.sizes)")
         budget_value = budget_value[size]
-    return _number(budget_value, f"budget.{key}")
+    return _number(budget_value, key)
 
 
-def steps_for_budget(budget: dict, size: str, params: int, tokens_per_step: int) -> int:
-    """train.steps that spend the size's token budget (rounded to whole steps, at least 1)."""
+def preset_params(size: str) -> int:
+    return non_embedding_params(PRESETS[size].n_layer, PRESETS[size].d_model)
+
+
+def steps_for_budget(budget: dict, size: str, params: int, tokens_per_step: int, largest_params: int = 0,
+                     key_prefix: str = "budget") -> int:
+    """train.steps that spend the size's token budget (rounded to whole steps, at least 1).
+    largest_params: non-embedding parameters of the sweep's largest size (tokens_per_param_of_largest)."""
     (key,) = set(budget) & set(BUDGET_KEYS)
-    value = _per_size_value(budget[key], size, key)
+    value = _per_size_value(budget[key], size, f"{key_prefix}.{key}")
     if value <= 0:
-        raise SweepError(f"budget.{key}: {value} must be positive")
+        raise SweepError(f"{key_prefix}.{key}: {value} must be positive")
     if key == "steps":
         return max(1, int(round(value)))
-    tokens = value * params if key == "tokens_per_param" else value
+    if key == "tokens_per_param":
+        tokens = value * params
+    elif key == "tokens_per_param_of_largest":
+        tokens = value * (largest_params or params)
+    else:
+        tokens = value
     return max(1, int(round(tokens / tokens_per_step)))
 
 
 def expand(spec: SweepSpec, out_dir: Optional[str] = None) -> list[RunSpec]:
-    """Every run of the grid (baselines included), ordered by size, seed, then baselines first."""
+    """Every run of the grid (baselines included), ordered by size, seed, then baselines first; then, with
+    a finetune stage, one fine-tune run per run in the same order."""
     sweep_dir = os.path.abspath(out_dir or spec.out_dir)
+    if spec.finetune:
+        _check_finetune(spec.finetune)
     runs = []
     for size, seed in itertools.product(spec.sizes, spec.seeds):
         combos = [(0.0, 1, "uniform")] + list(itertools.product(spec.repeated_fractions, spec.repeat_counts, spec.placements))
         for f, E, placement in combos:
             name = run_name(size, f, E, placement, seed)
             runs.append(_resolve_run(spec, sweep_dir, name, size, f, E, placement, seed))
+    if spec.finetune:
+        runs += [_resolve_finetune(spec, sweep_dir, run) for run in list(runs)]
     return runs
+
+
+def _largest_params(spec: SweepSpec) -> int:
+    return max(preset_params(s) for s in spec.sizes)
+
+
+def _resolve_finetune(spec: SweepSpec, sweep_dir: str, source: RunSpec) -> RunSpec:
+    """The fine-tune of a pretrained run: its config with finetune.data/optim/train merged in, its weights
+    as the start (train.init_from), finetune.budget as its length, unrepeated data by default."""
+    ft = spec.finetune
+    name = source.name + FINETUNE_SUFFIX
+    tree = source.config.to_dict()
+    data = _merge({"repeated_fraction": 0.0, "repeat_count": 1, "placement": "uniform"}, ft["data"])
+    data["path"] = os.path.abspath(str(data["path"]))
+    tree = _merge(tree, {"data": data, "optim": ft.get("optim") or {}, "train": ft.get("train") or {}})
+    train_tree = tree["train"]
+    train_tree["init_from"] = source.run_dir
+    train_tree["out_dir"] = os.path.join(sweep_dir, "runs", name)
+    if isinstance(train_tree.get("wandb"), dict):  # W&B: under its own name, in its source run's group
+        train_tree["wandb"]["name"] = name
+    tokens_per_step = train_tree["global_batch"] * source.config.data.seq_len
+    train_tree["steps"] = steps_for_budget(ft["budget"], source.size, source.params, tokens_per_step,
+                                           _largest_params(spec), key_prefix="finetune.budget")
+    if "checkpoint_every" not in (ft.get("train") or {}):
+        train_tree["checkpoint_every"] = max(1, train_tree["steps"] // 10)
+    try:
+        cfg = config_from_dict(tree, world_size=spec.num_gpus)
+    except ConfigError as e:
+        raise SweepError(f"run {name}: {e}") from None
+    return RunSpec(name=name, size=source.size, repeated_fraction=source.repeated_fraction,
+                   repeat_count=source.repeat_count, placement=source.placement, seed=source.seed, config=cfg,
+                   params=source.params, source=source.name)
 
 
 def _resolve_run(spec, sweep_dir, name, size, f, E, placement, seed) -> RunSpec:
@@ -412,7 +529,7 @@ def _resolve_run(spec, sweep_dir, name, size, f, E, placement, seed) -> RunSpec:
         raise SweepError(f"run {name}: {e}") from None
     params = non_embedding_params(probe.model.n_layer, probe.model.d_model)
     tokens_per_step = probe.train.global_batch * probe.data.seq_len
-    train_tree["steps"] = steps_for_budget(spec.budget, size, params, tokens_per_step)
+    train_tree["steps"] = steps_for_budget(spec.budget, size, params, tokens_per_step, _largest_params(spec))
     if "checkpoint_every" not in train_tree:  # a killed run resumes from at most a tenth of its steps back
         train_tree["checkpoint_every"] = max(1, train_tree["steps"] // 10)
     try:

@@ -186,7 +186,8 @@ def plan(spec: SweepSpec, out_dir: Optional[str] = None, measure: bool = True, p
         write_json_atomic(table_path, table)
     return {"sweep_dir": sweep_dir, "device": device, "runs": rows, "deepspeed": spec.uses_deepspeed,
             "num_gpus": spec.num_gpus, "evaluate": spec.evaluate, "pack": pack, "pack_note": pack_note,
-            "packs": [[r.name for r in job] for job in jobs], "placement": placement(spec, runs, rows, jobs, at_most)}
+            "packs": [[r.name for r in job] for job in jobs], "placement": placement(spec, runs, rows, jobs, at_most),
+            "budget_note": budget_note(runs)}
 
 
 def placement(spec: SweepSpec, runs: list[RunSpec], rows: list[dict], jobs: list[list[RunSpec]],
@@ -215,6 +216,21 @@ def placement(spec: SweepSpec, runs: list[RunSpec], rows: list[dict], jobs: list
         row["devices"] = devices.get(row["name"])
     return {"gpus": gpus, "at_once": at_once, "need": need, "note": note, "jobs": placed,
             "wall_s": None if None in durations else wall}
+
+
+def budget_note(runs: list[RunSpec]) -> str:
+    """A warning when the baselines train on different token budgets D: an effective size then needs an
+    L(N, D) fit, which per-size budgets (D growing with N) cannot give."""
+    from fasttrain.sweep.fit import data_design_problem, token_groups
+
+    base = [r for r in runs if r.is_baseline and not r.source]
+    if len(token_groups([r.tokens for r in base])) <= 1:
+        return ""
+    budgets = ", ".join(f"{r.size} {_fmt_count(r.tokens)}" for r in base)
+    problem = data_design_problem([r.params for r in base], [r.tokens for r in base])
+    return (f"note: the baselines train on different token budgets D ({budgets}); the report's effective sizes "
+            "need the same D for every size, or an L(N, D) fit" + (f", which these cannot give: {problem}" if problem
+                                                                   else ", which these determine"))
 
 
 def _logged_step(run_dir: str) -> int:
@@ -262,6 +278,7 @@ def format_plan(doc: dict, jobs: Optional[int] = None) -> str:
     if packed:
         title += f", {_plural(len(doc['packs']), 'pack')} of up to {doc['pack']} runs left"
     lines = ([doc["pack_note"]] if doc["pack_note"] else []) + ([place["note"]] if place.get("note") else [])
+    lines += [doc["budget_note"]] if doc.get("budget_note") else []
     lines += [title, head]
     for r in rows:
         rate = _fmt_count(r["tokens_per_s"]) if r["tokens_per_s"] else "?"

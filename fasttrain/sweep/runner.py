@@ -12,7 +12,8 @@ Sweep folder:
 
 Each run is `python -m fasttrain.cli train --config RUN/config.yaml --resume` (under the deepspeed launcher
 when the sweep asks for several GPUs or ZeRO), so a run killed with the sweep continues from its newest
-checkpoint next time and a finished run is never trained again. A trainer that exits with
+checkpoint next time and a finished run is never trained again. Fine-tune runs (a sweep's finetune stage)
+start once the pretraining jobs have ended, each from its source run's weights. A trainer that exits with
 REQUEUE_EXIT_CODE (it was signalled, finished its step and wrote a checkpoint) is queued again, not failed.
 On a GPU machine each job gets its own GPU(s) through CUDA_VISIBLE_DEVICES (fasttrain/sweep/placement.py).
 With `pack: K` (or --pack K), up to K runs that differ only in what packed training allows (f, E, placement,
@@ -174,13 +175,16 @@ def train_command(pack: list[RunSpec], spec: SweepSpec, python: str = sys.execut
     return [python, "-m", "fasttrain.cli", *trainer_args(pack)]
 
 
-def eval_command(runs: list[RunSpec], metrics, python: str = sys.executable) -> list[str]:
+def eval_command(runs: list[RunSpec], metrics, python: str = sys.executable,
+                 options: dict | None = None) -> list[str]:
     """The command that evaluates runs into RUN/eval.json: one process for all of them (start-up, CUDA
-    context and kernel autotuning paid once)."""
+    context and kernel autotuning paid once). options: the sweep's eval_options (copies, tokens)."""
     cmd = [python, "-m", "fasttrain.cli", "eval", *(run.run_dir for run in runs),
            "--json", os.path.join("{run}", "eval.json")]
     if isinstance(metrics, list):
         cmd += ["--metrics", ",".join(metrics)]
+    for key, value in (options or {}).items():
+        cmd += [f"--{key}", str(value)]
     return cmd
 
 
@@ -349,8 +353,20 @@ def run_sweep(spec: SweepSpec, out_dir: Optional[str] = None, jobs: Optional[int
                     entry["state"] = "interrupted"
                 todo.append(run)
         manifest.save()
+        pretrain = [run for run in todo if not run.source]
         LocalExecutor(spec, manifest, result, at_once, progress, python, on_run_done, gpus=gpus).run(
-            plan_jobs(todo, manifest.runs, pack))
+            plan_jobs(pretrain, manifest.runs, pack))
+        # fine-tune runs start from their source's final weights: only once that run is done
+        finished = set(result.done) | set(result.skipped)
+        ready = [run for run in todo if run.source and run.source in finished]
+        for run in todo:
+            if run.source and run.source not in finished:
+                manifest.entry(run.name).update(state="pending", error=f"its source run {run.source} is not done")
+                result.failed.append(run.name)
+        manifest.save()
+        if ready:
+            LocalExecutor(spec, manifest, result, at_once, progress, python, on_run_done, gpus=gpus).run(
+                plan_jobs(ready, manifest.runs, pack))
     return result
 
 
@@ -477,7 +493,8 @@ class LocalExecutor:
         trained = is_trained(first, manifest.entry(first.name))  # plan_jobs never mixes trained and untrained
         phases = [] if trained else [_Phase(train_command(runs, spec, self.python, devices), runs, is_eval=False)]
         if spec.evaluate:
-            phases.append(_Phase(eval_command(runs, spec.evaluate, self.python), runs, is_eval=True))
+            command = eval_command(runs, spec.evaluate, self.python, spec.eval_options)
+            phases.append(_Phase(command, runs, is_eval=True))
         job = _Job(runs, phases, devices=devices, started=time.time())
         if devices:
             for run in runs:

@@ -27,6 +27,7 @@ import importlib.util
 import io
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -171,7 +172,9 @@ def submit(jobs: list[list[RunSpec]], spec: SweepSpec, runs: list[RunSpec], swee
 
     from fasttrain.sweep.slurm_job import run_job
 
-    executor = submitit.SlurmExecutor(folder=os.path.join(sweep_dir, "slurm"), max_num_timeout=0, python=python)
+    # The job runs submitit's command through slurm_job.main, which checks the job's pickle before submitit loads it.
+    executor = submitit.SlurmExecutor(folder=os.path.join(sweep_dir, "slurm"), max_num_timeout=0,
+                                      python=f"{shlex.quote(python)} -m fasttrain.sweep.slurm_job")
     executor.update_parameters(**sbatch_parameters(spec, runs, sweep_dir))
     handles = []
     try:
@@ -191,7 +194,7 @@ def job_payload(job: list[RunSpec], spec: SweepSpec, python: str) -> dict:
     return {
         "run_dirs": [run.run_dir for run in job],
         "train": None if trained else [python, "-m", "fasttrain.cli", *trainer_args(job)],
-        "evaluate": eval_command(job, spec.evaluate, python) if spec.evaluate else None,
+        "evaluate": eval_command(job, spec.evaluate, python, spec.eval_options) if spec.evaluate else None,
     }
 
 
@@ -368,7 +371,14 @@ def _one_round(spec: SweepSpec, runs: list[RunSpec], sweep_dir: str, pack: int, 
             lines.first(statuses)
         for run in runs:
             lines.change(run.name, statuses[run.name], manifest.runs[run.name])
-        to_submit = [run for run in runs if statuses[run.name].submit]
+        # a fine-tune starts from its source's final weights: submitted once that run is done, never while
+        # its source has stopped for good (failed out of retries, or cancelled)
+        for run in runs:
+            source = statuses.get(run.source) if run.source else None
+            if source is not None and source.state in ("failed", "cancelled") and not source.submit:
+                statuses[run.name].submit = False
+        to_submit = [run for run in runs if statuses[run.name].submit
+                     and (not run.source or statuses[run.source].state == "done")]
         if to_submit:
             waiting = {run.name: {"state": "evaluating" if _trained(run) else "pending"} for run in to_submit}
             jobs = plan_jobs(to_submit, waiting, pack)

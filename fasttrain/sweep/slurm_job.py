@@ -13,14 +13,21 @@ included, so the trainer hears it directly; the task only notes it. A trainer th
 exits with REQUEUE_EXIT_CODE; after a USR1, task 0 then requeues the job (`scontrol requeue`), which starts again
 and resumes. After a SIGTERM the job is left to Slurm: it was cancelled (the sweep resubmits it next time), or
 preempted (Slurm requeues it itself when the partition says so).
+
+The job's command is submitit's own (`python -u -m submitit.core._submit FOLDER`) run through this module's
+main(): submitit hands the job its work as a pickle it unpickles with pickle.load, which would run any code a
+file planted in the sweep folder carried. main() first reads that pickle with an unpickler that knows only the
+two names a genuine one holds (submitit's DelayedSubmission and run_job below), and refuses anything else.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
+import sys
 import time
 from typing import Optional
 
@@ -139,3 +146,50 @@ def read_job_record(run_dir: str) -> Optional[dict]:
     except (OSError, json.JSONDecodeError):
         return None
     return doc if isinstance(doc, dict) else None
+
+
+# ---- the job's entry point -------------------------------------------------------------------------------
+# What the pickle submitit writes for a job holds (cloudpickle of DelayedSubmission(run_job, payload)); the
+# payload itself is plain data (lists, dicts, strings).
+SUBMITTED_NAMES = {("submitit.core.utils", "DelayedSubmission"), ("fasttrain.sweep.slurm_job", "run_job")}
+
+
+class _SubmittedJobUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in SUBMITTED_NAMES:
+            raise pickle.UnpicklingError(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def check_submitted(path: str) -> None:
+    """Raise JobFailed unless the job pickle at `path` names only what a genuine one holds; nothing runs."""
+    try:
+        with open(path, "rb") as f:
+            _SubmittedJobUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise JobFailed(f"{path}: refused: the job file names {e}, which a job of this sweep never holds; "
+                        "submit the sweep again") from None
+
+
+def main(argv: list[str]) -> None:
+    """`python -m fasttrain.sweep.slurm_job -u -m submitit.core._submit FOLDER` (the executor's `python` is
+    `python -m fasttrain.sweep.slurm_job`): check this job's pickle, then run submitit's job as it would."""
+    from submitit.core.job_environment import JobEnvironment
+    from submitit.core.submission import submitit_main
+
+    folder = argv[-1]
+    os.environ["SUBMITIT_FOLDER"] = folder
+    path = JobEnvironment().paths.submitted_pickle
+    for _ in range(60):  # the submitting side may still be writing it (submitit waits as long)
+        if path.exists():
+            break
+        time.sleep(1)
+    if path.exists():  # else submitit fails on its own, naming the missing file
+        check_submitted(str(path))
+    sys.stdout.reconfigure(line_buffering=True)  # what -u gives submitit's own command
+    sys.argv = ["submitit.core._submit", folder]
+    submitit_main()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -33,7 +33,7 @@ from fasttrain.checkpoint.deepspeed import (ds_checkpoint_dir, export_consolidat
 from fasttrain.checkpoint.files import checkpoint_path, list_checkpoints, rng_state, safe_load, set_rng_state
 from fasttrain.config import Config, ConfigError, batch_layout
 from fasttrain.device import autocast_dtype
-from fasttrain.model import GPT
+from fasttrain.model import GPT, resolve_attention
 from fasttrain.optim import make_optimizer
 from fasttrain.train.engine import Engine, loss_split, split_sums
 
@@ -166,6 +166,11 @@ class DeepSpeedEngine(Engine):
         peak = super().peak_flops
         return peak * self.world_size if peak else None
 
+    @property
+    def matmul_flops(self) -> float | None:
+        rate = super().matmul_flops
+        return rate * self.world_size if rate else None
+
     def agree(self, message: str | None) -> str | None:
         box = [message]
         self.dist.broadcast_object_list(box, src=0)
@@ -217,6 +222,8 @@ class DeepSpeedEngine(Engine):
             self.dist.barrier()
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.optimizer = optimizer
+        resolve_attention(self.engine.module, self.micro_batch, cfg.data.seq_len,
+                          torch.bfloat16 if self.bf16 else torch.float32)
         if t.compile:  # compiles the module in place (nn.Module.compile): state dict names are unchanged
             self.engine.compile(compile_kwargs={} if t.compile_mode == "default" else {"mode": t.compile_mode})
         reapply_hyperparameters = _base_optimizer_fixups(optimizer)
@@ -235,10 +242,10 @@ class DeepSpeedEngine(Engine):
         self.grad_norm_from_engine = cfg.deepspeed.zero_stage > 0 or self.bf16
         self.engine.train()
 
-    def step(self, batches: list[torch.Tensor], lr: float, logging: bool):
+    def step(self, tokens: torch.Tensor, lr: float, logging: bool):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        tokens = batches[0].to(self.device, non_blocking=True)
+        tokens = tokens[0].to(self.device, non_blocking=True)
         loss_sum = torch.zeros((), device=self.device)
         grad_norm, rows = None, []
         for i, chunk in enumerate(tokens.split(self.micro_batch)):

@@ -11,20 +11,22 @@ import time
 
 from fasttrain.checkpoint.files import read_json, write_json_atomic
 from fasttrain.config import ConfigError, WandbConfig
+from fasttrain.device import mfu_fields
 
 WANDB_RUN_FILE = "wandb.json"  # {"id": the W&B run id}: a resumed run continues the same W&B run
 
 
 def step_record(step: int, tokens_per_step: int, loss: float, lr: float, grad_norm, steps_timed: int,
-                elapsed: float, flops_per_step: float, peak_flops: float | None) -> dict:
-    """The metrics line of a logged step; throughput and MFU over the steps since the last log line
-    (peak_flops: of all devices together; None where unknown, and MFU is left out)."""
+                elapsed: float, flops_per_step: float, peak_flops: float | None,
+                matmul_flops: float | None = None) -> dict:
+    """The metrics line of a logged step; throughput and MFU over the steps since the last log line.
+    mfu: model FLOP/s over peak_flops, the datasheet dense bf16 peak of all devices together;
+    mfu_vs_matmul: the same over matmul_flops, the bf16 matmul rate measured on them. Left out where None."""
     elapsed = max(elapsed, 1e-9)
     record = {"step": step, "tokens": step * tokens_per_step, "loss": loss, "lr": lr,
               "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
               "tokens_per_s": steps_timed * tokens_per_step / elapsed}
-    if peak_flops:
-        record["mfu"] = flops_per_step * steps_timed / elapsed / peak_flops
+    record.update(mfu_fields(flops_per_step * steps_timed / elapsed, peak_flops, matmul_flops))
     return record
 
 
@@ -158,6 +160,7 @@ class MetricsLogger:
             self.bar.refresh()
         else:
             mfu = f" mfu {record['mfu']:.1%}" if "mfu" in record else ""
+            mfu += f" ({record['mfu_vs_matmul']:.1%} of matmul)" if "mfu_vs_matmul" in record else ""
             print(f"step {record['step']}/{self.total_steps} loss {record['loss']:.4f} lr {record['lr']:.3g} "
                   f"grad_norm {record['grad_norm']:.3g} tok/s {record['tokens_per_s']:.4g}{mfu}", flush=True)
 

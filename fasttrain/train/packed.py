@@ -36,11 +36,13 @@ from fasttrain.checkpoint.files import (CheckpointError, checkpoint_path, list_c
                                         read_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from fasttrain.config import Config, ConfigError, launch_world_size
 from fasttrain.device import autocast, compiled
+from fasttrain.kernels.cross_entropy import check_targets, launch_cross_entropy, register_op
 from fasttrain.measure.loss import heldout_record, heldout_window_ids, loss_record, predicted_bytes
-from fasttrain.measure.windows import read_windows
-from fasttrain.model import GPT, causal_attention
-from fasttrain.optim import make_optimizer
-from fasttrain.train.engine import Engine, loss_split, split_sums, train_step
+from fasttrain.measure.stats import mean_and_stderr
+from fasttrain.measure.windows import read_windows, window_documents
+from fasttrain.model import GPT, causal_attention, resolve_attention
+from fasttrain.optim import load_optimizer_state, make_optimizer, optimizer_state
+from fasttrain.train.engine import Engine, GraphedStep, loss_split, split_sums, train_step
 
 # Elements of one group's logits in the packed fused loss (512 MB in bf16), the single-model kernel's budget.
 LOGITS_PER_CHUNK = 2**28
@@ -201,53 +203,53 @@ class PackedGPT(nn.Module):
         return (loss, token_losses.detach().view(K, B, T)) if return_token_losses else loss
 
 
-class PackedLinearCrossEntropy(torch.autograd.Function):
+@register_op("packed_linear_cross_entropy")
+def _packed_loss_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, models_per_chunk: int,
+                    need_grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean cross-entropy of hidden[k] @ weight[k].T against targets[k] for every model k, a group of
     models at a time: one bmm for the group's logits, the Triton cross-entropy kernel writing d loss / d
     logits over them in place (already divided by each model's token count), then two bmms that finish the
     gradients during the forward pass, as kernels/linear_cross_entropy.py does for one model. Only one
-    group's logits exist at a time."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, models_per_chunk, grad_enabled):
-        from fasttrain.kernels.cross_entropy import check_targets, launch_cross_entropy
-
-        K, N, _ = hidden.shape
-        V = weight.shape[1]
-        # the range check syncs with the host: on a GPU it is skipped, as in GPT.forward
-        valid, _ = check_targets(targets, V, -100, validate=hidden.device.type != "cuda")
-        counts = valid.sum(dim=1).clamp_min(1).to(torch.float32)
-        grad_scale = (1.0 / counts).repeat_interleave(N)  # per token: 1 / its model's count
-        needs = grad_enabled and any(ctx.needs_input_grad[:2])
-        losses = torch.empty(K, N, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty_like(losses)
-        grad_hidden = torch.empty_like(hidden) if needs else None
-        grad_weight = torch.empty_like(weight) if needs else None
-        buffer = hidden.new_empty(min(models_per_chunk, K) * N * V)
-        for start in range(0, K, models_per_chunk):
-            end = min(start + models_per_chunk, K)
-            logits = buffer[: (end - start) * N * V].view(end - start, N, V)
-            torch.bmm(hidden[start:end], weight[start:end].transpose(1, 2), out=logits)
-            rows = logits.view(-1, V)
-            launch_cross_entropy(rows, targets[start:end].reshape(-1), -100, 0.0, losses=losses[start:end].view(-1),
-                                 lse=lse[start:end].view(-1), grad=rows if needs else None,
-                                 grad_scale=grad_scale[start * N:end * N] if needs else None)
-            if needs:
-                torch.bmm(logits, weight[start:end], out=grad_hidden[start:end])
-                torch.bmm(logits.transpose(1, 2), hidden[start:end], out=grad_weight[start:end])
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.mark_non_differentiable(losses)
-        return losses.sum(dim=1) / counts, losses
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_token_losses):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        scale = grad_loss.view(-1, 1, 1)
-        return grad_hidden * scale.to(grad_hidden.dtype), grad_weight * scale.to(grad_weight.dtype), None, None, None
+    group's logits exist at a time. Returns (losses (K,), token losses (K, N), grad_hidden, grad_weight), the
+    gradients empty when not needed. A registered operator: no graph break, nothing waits for the host."""
+    K, N, _ = hidden.shape
+    V = weight.shape[1]
+    counts = (targets != -100).sum(dim=1).clamp_min(1).to(torch.float32)
+    grad_scale = (1.0 / counts).repeat_interleave(N)  # per token: 1 / its model's count
+    losses = torch.empty(K, N, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty_like(losses)
+    grad_hidden = torch.empty_like(hidden) if need_grads else hidden.new_empty(0)
+    grad_weight = torch.empty_like(weight) if need_grads else weight.new_empty(0)
+    buffer = hidden.new_empty(min(models_per_chunk, K) * N * V)
+    for start in range(0, K, models_per_chunk):
+        end = min(start + models_per_chunk, K)
+        logits = buffer[: (end - start) * N * V].view(end - start, N, V)
+        torch.bmm(hidden[start:end], weight[start:end].transpose(1, 2), out=logits)
+        rows = logits.view(-1, V)
+        launch_cross_entropy(rows, targets[start:end].reshape(-1), -100, 0.0, losses=losses[start:end].view(-1),
+                             lse=lse[start:end].view(-1), grad=rows if need_grads else None,
+                             grad_scale=grad_scale[start * N:end * N] if need_grads else None)
+        if need_grads:
+            torch.bmm(logits, weight[start:end], out=grad_hidden[start:end])
+            torch.bmm(logits.transpose(1, 2), hidden[start:end], out=grad_weight[start:end])
+    return losses.sum(dim=1) / counts, losses, grad_hidden, grad_weight
 
 
-# Runs eagerly under torch.compile, as the single-model kernel does (Dynamo cannot trace the interpreter).
-@torch.compiler.disable
+def _packed_loss_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[2], output[3])
+
+
+def _packed_loss_backward(ctx, grad_loss, grad_token_losses, *unused):
+    grad_hidden, grad_weight = ctx.saved_tensors
+    if grad_hidden.dim() == 1:  # not computed: no input needed a gradient
+        return None, None, None, None, None
+    scale = grad_loss.view(-1, 1, 1)
+    return grad_hidden * scale.to(grad_hidden.dtype), grad_weight * scale.to(grad_weight.dtype), None, None, None
+
+
+_packed_loss_op.register_autograd(_packed_loss_backward, setup_context=_packed_loss_setup)
+
+
 def packed_linear_cross_entropy(hidden, weight, targets, return_token_losses=False):
     """hidden (K, N, d), weight (K, V, d), targets (K, N; -100 = ignore) -> (K,) mean losses, fp32 (and with
     return_token_losses the (K, N) token losses, not differentiable)."""
@@ -258,15 +260,20 @@ def packed_linear_cross_entropy(hidden, weight, targets, return_token_losses=Fal
         dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     K, N, _ = hidden.shape
+    # the range check syncs with the host: on a GPU (and inside torch.compile) it is skipped, as in GPT.forward
+    validate = hidden.device.type != "cuda"
     models_per_chunk = LOGITS_PER_CHUNK // (N * weight.shape[1])
     if models_per_chunk < 1:  # one model's logits alone pass the budget: its token-chunked kernel, model by model
-        per_model = [linear_cross_entropy(hidden[k], weight[k], targets[k], validate_targets=hidden.device.type != "cuda",
+        per_model = [linear_cross_entropy(hidden[k], weight[k], targets[k], validate_targets=validate,
                                           return_token_losses=True) for k in range(K)]
         losses, token_losses = torch.stack([loss for loss, _ in per_model]), torch.stack([t for _, t in per_model])
         return (losses, token_losses) if return_token_losses else losses
+    check_targets(targets, weight.shape[1], -100, validate and not torch.compiler.is_compiling())
+    need_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     with torch.autocast(device_type, enabled=False):
-        losses, token_losses = PackedLinearCrossEntropy.apply(hidden.contiguous(), weight, targets.contiguous(),
-                                                              models_per_chunk, torch.is_grad_enabled())
+        losses, token_losses, _, _ = _packed_loss_op(hidden.contiguous(), weight, targets.contiguous(),
+                                                     models_per_chunk, need_grads)
+    token_losses = token_losses.detach()
     return (losses, token_losses) if return_token_losses else losses
 
 
@@ -276,33 +283,69 @@ def packed_heldout_loss(packed: PackedGPT, dataset, seq_len: int, max_tokens: in
                         amp_dtype=None) -> list[dict]:
     """fasttrain.measure.loss.heldout_loss of each model of the pack, for runs that share the dataset: the same
     test windows go through the stacked model once, instead of once per run."""
-    windows = read_windows(dataset, "test", heldout_window_ids(dataset, seq_len, max_tokens), seq_len)
+    window_ids = heldout_window_ids(dataset, seq_len, max_tokens)
+    windows = read_windows(dataset, "test", window_ids, seq_len)
     tokens = torch.from_numpy(windows)
     nats = torch.zeros(packed.num_models, dtype=torch.float64, device=device)
+    window_losses = []  # (K, windows in the batch): each window's mean loss, for the standard error
     packed.eval()
     for start in range(0, len(tokens), max(1, batch_size)):
         chunk = tokens[start:start + batch_size].to(device)
         batch = chunk.expand(packed.num_models, *chunk.shape)  # every model reads the same windows
         with autocast(device, amp_dtype):
-            mean_losses = packed(batch[..., :-1], batch[..., 1:])
+            mean_losses, token_losses = packed(batch[..., :-1], batch[..., 1:], return_token_losses=True)
         nats += mean_losses.double() * chunk[:, 1:].numel()
+        window_losses.append(token_losses.double().mean(dim=-1))
     n_tokens, n_bytes = windows.shape[0] * seq_len, predicted_bytes(dataset, windows)
-    return [heldout_record(loss_record(total, n_tokens, n_bytes)) for total in nats.tolist()]
+    per_window = torch.cat(window_losses, dim=1).cpu().numpy()
+    documents = window_documents(dataset, "test", window_ids, seq_len)
+    return [heldout_record(loss_record(total, n_tokens, n_bytes, mean_and_stderr(per_window[k], documents)[1]))
+            for k, total in enumerate(nats.tolist())]
 
 
 # ---- optimizer and step ------------------------------------------------------------------------------
 # The plain trainer's AdamW over the stacked tensors (make_optimizer with model_dims=1: the leading dimension
 # is the model) lists parameters in GPT's order, so a run's slice of the state is its own AdamW's state.
+def _clip_per_model(grads: list[torch.Tensor], per_model: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale each model's gradients by min(1, max_norm / its total norm); per_model lists grads[i][k] for every
+    gradient i and model k, in that order. Returns the (K,) norms before clipping. Foreach norms (a few
+    launches whatever the number of tensors), no host sync."""
+    norms = torch.stack(torch._foreach_norm(per_model)).view(len(grads), -1)  # (gradients, K)
+    total = torch.linalg.vector_norm(norms, dim=0)
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, [scale.view(-1, *[1] * (g.dim() - 1)).to(g.dtype) for g in grads])
+    return total
+
+
 def clip_grad_norm_per_model(parameters, max_norm: float) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ applied to each model of the pack on its own: returns the (K,)
     total gradient norms before clipping; no host sync."""
     grads = [p.grad for p in parameters if p.grad is not None]
-    norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads])  # (params, K)
-    total = torch.linalg.vector_norm(norms, dim=0)
-    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(scale.view(-1, *[1] * (g.dim() - 1)).to(g.dtype))
-    return total
+    return _clip_per_model(grads, [g[k] for g in grads for k in range(g.shape[0])], max_norm)
+
+
+class FlatGradients:
+    """Every gradient of a pack as a view of one flat buffer (parameter after parameter, each laid out like its
+    parameter), assigned once: the backward adds into it, one memset clears it after the step instead of
+    freeing and reallocating every gradient, and the per-model views the clipping takes norms over are made
+    once. The addresses never change, as a captured CUDA graph needs; nothing may set a gradient to None."""
+
+    def __init__(self, parameters):
+        params = [p for p in parameters if p.requires_grad]
+        self.buffer = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+        self.grads, offset = [], 0
+        for p in params:
+            p.grad = self.buffer[offset:offset + p.numel()].view_as(p)
+            self.grads.append(p.grad)
+            offset += p.numel()
+        self.per_model = [g[k] for g in self.grads for k in range(g.shape[0])]
+
+    def zero_(self) -> None:
+        self.buffer.zero_()
+
+    def clip(self, parameters, max_norm: float) -> torch.Tensor:
+        """clip_grad_norm_per_model over these gradients (the train_step clip_fn)."""
+        return _clip_per_model(self.grads, self.per_model, max_norm)
 
 
 def run_optimizer_state(packed_state: dict, k: int) -> dict:
@@ -388,7 +431,7 @@ class PackedEngine(Engine):
             raise ConfigError(f"model.vocab_size: the packed runs' datasets have different vocabularies "
                               f"{sorted(vocabs)}; pack runs on one tokenizer or set model.vocab_size")
         self.packed = PackedGPT.from_models(models, device=self.device)
-        self.optimizer = make_optimizer(self.packed, self.cfg, self.device, model_dims=1)
+        self.optimizer = make_optimizer(self.packed, self.cfg, self.device, model_dims=1, capturable=self.cuda_graph)
         if start_step:
             ckpts = []
             for k, c in enumerate(self.cfgs):
@@ -399,13 +442,15 @@ class PackedEngine(Engine):
                 except (KeyError, RuntimeError) as e:
                     raise CheckpointError(f"{path}: does not hold this run's model ({str(e).splitlines()[0]})") from None
                 ckpts.append(ckpt)
-            self.optimizer.load_state_dict(stack_optimizer_states([ck["optimizer"] for ck in ckpts]))
+            load_optimizer_state(self.optimizer, stack_optimizer_states([ck["optimizer"] for ck in ckpts]))
             set_rng_state(ckpts[0]["rng"])
             del ckpts
         t = self.cfg.train
-        compile_mode = t.compile_mode if t.compile else None
-        self.step_model = compiled(self.packed, compile_mode)
-        self.clip_fn = compiled(clip_grad_norm_per_model, compile_mode)
+        resolve_attention(self.packed, len(self.cfgs) * self.micro_batch, self.cfg.data.seq_len,
+                          self.amp_dtype or torch.float32)  # the models fold into the attention batch
+        self.step_model = compiled(self.packed, t.compile_mode if t.compile else None)
+        self.grads = FlatGradients(self.packed.parameters())
+        self.graphed = GraphedStep(self.run_step, self.optimizer, self.device) if self.cuda_graph else None
         with torch.device("meta"):  # one plain GPT that each run's weights are copied into to evaluate and save
             single = GPT.from_config(self.cfg.model, models[0].vocab_size)
         self.single = single.to_empty(device=self.device)
@@ -416,13 +461,17 @@ class PackedEngine(Engine):
         self.single.load_state_dict(self.packed.model_state(k))
         return self.single
 
-    def step(self, batches: list[torch.Tensor], lr: float, logging: bool):
-        # The K batches are stacked into pinned memory on a GPU, then copied asynchronously.
-        tokens = torch.empty((len(batches), *batches[0].shape), dtype=torch.int64,
-                             pin_memory=self.device.type == "cuda")
-        torch.stack(batches, out=tokens)
-        return train_step(self.packed, self.optimizer, tokens.to(self.device, non_blocking=True), self.micro_batch,
-                          lr, self.cfg.optim.grad_clip, self.amp_dtype, self.step_model, self.clip_fn)
+    def run_step(self, tokens: torch.Tensor, lr: float | None = None):
+        """The whole step on the K batches already on the device (what a CUDA graph captures)."""
+        return train_step(self.packed, self.optimizer, tokens, self.micro_batch, lr, self.cfg.optim.grad_clip,
+                          self.amp_dtype, self.step_model, self.grads.clip, zero_grad=self.grads.zero_,
+                          autocast_cache=not self.cuda_graph)
+
+    def step(self, tokens: torch.Tensor, lr: float, logging: bool):
+        # The K batches come stacked, in pinned memory on a GPU: copied asynchronously.
+        if self.graphed is not None:
+            return self.graphed(tokens, lr)
+        return self.run_step(tokens.to(self.device, non_blocking=True), lr)
 
     def read(self, loss, grad_norm, rows, repeated) -> list[tuple[float, float, dict]]:
         losses, norms, rows = loss.tolist(), grad_norm.tolist(), rows.cpu()  # the only host sync, when logging
@@ -448,7 +497,7 @@ class PackedEngine(Engine):
         return results
 
     def save(self, step: int) -> None:
-        packed_optimizer_state = self.optimizer.state_dict()
+        packed_optimizer_state = optimizer_state(self.optimizer)
         for k, c in enumerate(self.cfgs):
             state = {"model": self.run_model(k).state_dict(),
                      "optimizer": run_optimizer_state(packed_optimizer_state, k), "step": step, "rng": rng_state(),

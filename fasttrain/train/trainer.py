@@ -29,7 +29,7 @@ import signal
 import socket
 import threading
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +39,7 @@ import yaml
 from fasttrain.checkpoint.files import read_json, read_newest, remove_partial_files, write_json_atomic
 from fasttrain.checkpoint.model import check_weights
 from fasttrain.config import Config, ConfigError, config_differences, config_from_dict, launch_world_size
-from fasttrain.data.sampler import open_training_stream
+from fasttrain.data.sampler import iter_stacked_batches, open_training_stream
 from fasttrain.device import autocast
 from fasttrain.measure.loss import heldout_loss, repeated_subset_loss
 from fasttrain.measure.prefix_matching import induction_scores
@@ -197,7 +197,8 @@ class Measure:
                 out.update(repeated_subset_loss(model, dataset, self.streams[k].schedule, T, t.eval_tokens,
                                                 t.micro_batch, self.device, trained_sequences=self.step * t.global_batch))
         if "induction" in metrics and T >= 101:  # fp32 attention patterns; shorter contexts cannot hold one
-            out.update(induction_scores(model, dataset, device=self.device))
+            out.update(induction_scores(model, dataset, device=self.device, tokens=t.eval_tokens,
+                                        batch_size=t.micro_batch))
         return out
 
 
@@ -268,24 +269,26 @@ class Run:
     def loop(self, start_step: int) -> list[dict] | None:
         """Steps start_step .. train.steps - 1; returns the last evaluation (None if no step ran)."""
         cfg, t, engine = self.cfg, self.cfg.train, self.engine
-        batches = [stream.iter_batches(start_step, t.steps - start_step, t.global_batch, rank=engine.rank,
-                                       world_size=engine.world_size, prefetch=0, with_repeated=True)
-                   for stream in self.streams]  # prefetch=0: a read-ahead thread measured slower (the GIL)
+        # Every run's batch of a step, stacked (K, batch, seq_len + 1); read ahead in a thread where the engine
+        # says it pays (on a GPU), pinned for an asynchronous copy to the device.
+        batches = iter_stacked_batches(self.streams, start_step, t.steps - start_step, t.global_batch,
+                                       rank=engine.rank, world_size=engine.world_size, prefetch=engine.read_ahead,
+                                       pin_memory=engine.device.type == "cuda")
         self.flops_per_step = self.flops_per_token() * t.global_batch * cfg.data.seq_len
+        self.peak_flops, self.matmul_flops = engine.peak_flops, engine.matmul_flops  # the MFU denominators
         protected = protected_steps(cfg)
         summaries = None
         stop = StopSignal()
-        with stop.installed():
+        with stop.installed(), closing(batches):
             tick, tick_step = time.time(), start_step
             for index in range(start_step, t.steps):
                 lr = lr_at(index, cfg)
                 done = index + 1
                 logging = done % t.log_every == 0 or done == t.steps
-                read = [next(b) for b in batches]
-                loss, grad_norm, rows = engine.step([tokens for tokens, _ in read], lr, logging)
+                tokens, repeated = next(batches)
+                loss, grad_norm, rows = engine.step(tokens, lr, logging)
                 if logging:
-                    self.log(done, lr, loss, grad_norm, rows, [repeated for _, repeated in read], done - tick_step,
-                             time.time() - tick)
+                    self.log(done, lr, loss, grad_norm, rows, repeated, done - tick_step, time.time() - tick)
                     tick, tick_step = time.time(), done
                 evaluating, checkpointing = is_eval_step(done, cfg), is_checkpoint_step(done, cfg)
                 if evaluating:
@@ -315,7 +318,7 @@ class Run:
             loss_k, norm_k, split = values[k]
             check_finite(loss_k, done, f" in {c.train.out_dir}" if len(self.cfgs) > 1 else "")
             record = step_record(done, tokens_per_step, loss_k, lr, norm_k, steps_timed, elapsed,
-                                 self.flops_per_step, self.engine.peak_flops)
+                                 self.flops_per_step, self.peak_flops, self.matmul_flops)
             record.update(split)
             logger.log(record)
         if len(self.cfgs) > 1 and self.engine.is_writer:
