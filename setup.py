@@ -27,11 +27,13 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2", "transformers>=4.40", "submitit>=1.5", "pyarrow>=14",
-                 "zstandard>=0.22"],
+                 "zstandard>=0.22", "transformer-lens>=3,<4", "wandb>=0.20"],
         "formats": ["pyarrow>=14", "zstandard>=0.22"],  # prepare --input *.parquet, *.jsonl.zst
         "flash": ["flash-attn>=2.6"],
         "slurm": ["submitit>=1.5"],
         "hf": ["transformers>=4.40"],
+        "lens": ["transformer-lens>=3,<4"],  # fasttrain.interop; 4.0 removes HookedTransformer
+        "wandb": ["wandb>=0.20"],  # train.wandb
     },
     entry_points={"console_scripts": ["fasttrain=fasttrain.cli:main"]},
 )

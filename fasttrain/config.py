@@ -87,6 +87,22 @@ class OptimConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases logging (optional: `pip install 'fasttrain-repeat[wandb]'`): the records of
+    metrics.jsonl at their steps and the resolved config. A resumed run continues the same W&B run."""
+    project: str = "fasttrain"
+    """The W&B project."""
+    entity: Optional[str] = None
+    """The W&B user or team; None: the logged-in user's default entity."""
+    name: Optional[str] = None
+    """The W&B run's display name; None: the run folder's name (a sweep sets the run's name)."""
+    group: Optional[str] = None
+    """Runs grouped together in W&B; a sweep sets it to its folder's name unless given."""
+    mode: Literal["online", "offline", "disabled"] = "online"
+    """offline: written under RUN/wandb/ (or WANDB_DIR) for `wandb sync`; disabled: nothing, no wandb needed."""
+
+
+@dataclass
 class TrainConfig:
     steps: int = 1000
     global_batch: int = 32
@@ -126,6 +142,8 @@ class TrainConfig:
     """What an evaluation during training measures: test (held-out loss), repeated (loss on the repeated
     subset; skipped when nothing is repeated), induction (prefix-matching score per head)."""
     tensorboard: bool = False
+    wandb: Optional[WandbConfig] = None
+    """Also log to Weights & Biases: {project, entity, name, group, mode}; None: off."""
 
 
 @dataclass
@@ -155,9 +173,10 @@ class Config:
 
 
 # Keys that may differ between a run folder's config and the one resuming it: where the folder lies now,
-# how each process splits its batch (which a resume under another world size changes), and which kernels
-# compute the same step (a GPU without cuDNN attention, or without CUDA graphs, may continue a run).
-NOT_RUN_IDENTITY = ("train.out_dir", "train.micro_batch", "model.attention", "train.cuda_graph")
+# how each process splits its batch (which a resume under another world size changes), which kernels
+# compute the same step (a GPU without cuDNN attention, or without CUDA graphs, may continue a run), and
+# where the metrics are also sent.
+NOT_RUN_IDENTITY = ("train.out_dir", "train.micro_batch", "model.attention", "train.cuda_graph", "train.wandb")
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
@@ -174,6 +193,8 @@ def config_differences(old: dict, new: dict) -> list[str]:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a parsed YAML/CLI value to the annotated type, or raise ConfigError naming the key."""
+    if dataclasses.is_dataclass(tp):  # a section that may be absent (Optional[SomeConfig])
+        return _build(tp, value, f"{key}.")
     origin = typing.get_origin(tp)
     if origin is typing.Union:  # Optional[X]
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -262,7 +283,9 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
     for p in parts[:-1]:
-        node = node.setdefault(p, {})
+        if node.get(p) is None:  # absent, or an optional section that is off (null)
+            node[p] = {}
+        node = node[p]
         if not isinstance(node, dict):
             raise ConfigError(f"override --{dotted}: '{p}' is not a section")
     node[parts[-1]] = value

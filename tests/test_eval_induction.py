@@ -36,7 +36,8 @@ def layer_norm_to_scale(ln, ones: int, d: int):
 
 
 @torch.no_grad()
-def induction_model(copy_gain: float = 10.0) -> GPT:
+def induction_model(copy_gain: float = 10.0, V: int = V, T: int = T) -> GPT:
+    """The circuit above for a vocabulary of V tokens and a context of T (d_model 2V + T)."""
     d = 2 * V + T
     model = GPT(n_layer=2, d_model=d, n_head=2, vocab_size=V, context_length=T)
     for p in model.parameters():

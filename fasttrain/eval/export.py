@@ -72,6 +72,13 @@ def hf_config(model: GPT, eot_id: int | None = None, dtype: torch.dtype = torch.
     return config
 
 
+def hf_tokenizer(tokenizer, eot_id: int | None, context_length: int, **kwargs):
+    """A tokenizers.Tokenizer as a transformers PreTrainedTokenizerFast whose bos/eos token is end-of-text."""
+    eot = tokenizer.id_to_token(eot_id) if eot_id is not None else None
+    return _transformers().PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=eot, eos_token=eot,
+                                                   model_max_length=context_length, **kwargs)
+
+
 def export_hf(model: GPT, out_dir: str, tokenizer=None, eot_id: int | None = None,
               dtype: torch.dtype = torch.float32) -> str:
     """Write config.json, model.safetensors and (given a tokenizers.Tokenizer) the tokenizer to out_dir."""
@@ -82,11 +89,7 @@ def export_hf(model: GPT, out_dir: str, tokenizer=None, eot_id: int | None = Non
     hf_config(model, eot_id, dtype).save_pretrained(out_dir)
     save_file(hf_state_dict(model, dtype), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
-        eot = tokenizer.id_to_token(eot_id) if eot_id is not None else None
-        fast = transformers.PreTrainedTokenizerFast(
-            tokenizer_object=tokenizer, bos_token=eot, eos_token=eot, model_max_length=model.context_length,
-        )
-        fast.save_pretrained(out_dir)
+        hf_tokenizer(tokenizer, eot_id, model.context_length).save_pretrained(out_dir)
         # transformers 5 records its new class name; the old one loads in 4.x and 5 alike.
         config_path = os.path.join(out_dir, "tokenizer_config.json")
         with open(config_path) as f:

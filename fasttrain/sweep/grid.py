@@ -43,7 +43,9 @@ finetune.data says otherwise), and runs once its source run is done.
 
 Relative paths (out_dir, base data.path) are relative to the current directory, as for `fasttrain train`;
 run configs store them absolute. Run names are stable and readable: `340k_f0.1_E8_uniform_s0`, and
-`340k_f0_s0` for a baseline, `340k_f0_s0_ft` for its fine-tune.
+`340k_f0_s0` for a baseline, `340k_f0_s0_ft` for its fine-tune. With `train.wandb` in the base config, every
+run logs to Weights & Biases under its run name, in the group named after the sweep folder (unless base
+train.wandb.group names one).
 """
 from __future__ import annotations
 
@@ -486,6 +488,8 @@ def _resolve_finetune(spec: SweepSpec, sweep_dir: str, source: RunSpec) -> RunSp
     train_tree = tree["train"]
     train_tree["init_from"] = source.run_dir
     train_tree["out_dir"] = os.path.join(sweep_dir, "runs", name)
+    if isinstance(train_tree.get("wandb"), dict):  # W&B: under its own name, in its source run's group
+        train_tree["wandb"]["name"] = name
     tokens_per_step = train_tree["global_batch"] * source.config.data.seq_len
     train_tree["steps"] = steps_for_budget(ft["budget"], source.size, source.params, tokens_per_step,
                                            _largest_params(spec), key_prefix="finetune.budget")
@@ -515,6 +519,9 @@ def _resolve_run(spec, sweep_dir, name, size, f, E, placement, seed) -> RunSpec:
     train_tree = tree["train"]
     train_tree["seed"] = seed
     train_tree["out_dir"] = os.path.join(sweep_dir, "runs", name)
+    if isinstance(train_tree.get("wandb"), dict):  # W&B: the sweep's runs in one group, each under its name
+        train_tree["wandb"]["name"] = name
+        train_tree["wandb"]["group"] = train_tree["wandb"].get("group") or os.path.basename(sweep_dir)
     try:
         # the world size each run is launched with resolves train.micro_batch per process
         probe = config_from_dict(_merge(tree, {"train": {"steps": 10**9}}), world_size=spec.num_gpus)  # resolves the preset and seq_len

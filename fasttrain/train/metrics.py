@@ -1,12 +1,19 @@
-"""Metrics: one JSON line per logged step (metrics.jsonl), optional TensorBoard, and a progress display."""
+"""Metrics: one JSON line per logged step (metrics.jsonl), optional TensorBoard and Weights & Biases, and a
+progress display."""
 from __future__ import annotations
 
 import json
 import os
+import secrets
+import string
 import sys
 import time
 
+from fasttrain.checkpoint.files import read_json, write_json_atomic
+from fasttrain.config import ConfigError, WandbConfig
 from fasttrain.device import mfu_fields
+
+WANDB_RUN_FILE = "wandb.json"  # {"id": the W&B run id}: a resumed run continues the same W&B run
 
 
 def step_record(step: int, tokens_per_step: int, loss: float, lr: float, grad_norm, steps_timed: int,
@@ -50,18 +57,69 @@ def truncate_metrics(path: str, after_step: int) -> None:
     os.replace(tmp, path)
 
 
+class WandbRun:
+    """A run's metrics in Weights & Biases: every metrics.jsonl record at its step, the resolved run config.
+    The W&B run id lives in RUN/wandb.json, so a resumed run continues its W&B run and sends no step twice."""
+
+    def __init__(self, settings: WandbConfig, run_dir: str, run_config: dict, start_step: int, written: list[dict]):
+        """written: the records metrics.jsonl held before this start (an interrupted run's included)."""
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("train.wandb needs the wandb package: pip install 'fasttrain-repeat[wandb]' "
+                              "(or remove train.wandb)") from None
+        id_path = os.path.join(run_dir, WANDB_RUN_FILE)
+        run_id = (read_json(id_path) or {}).get("id")
+        backfill = []
+        if run_id:
+            # W&B got every record the interrupted run wrote; steps redone after its checkpoint keep those
+            self.sent_through = max((r.get("step", 0) for r in written), default=0)
+        else:  # W&B is new to this folder (perhaps turned on for a resumed run): send what is kept first
+            run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+            backfill = [r for r in written if r.get("step", 0) <= start_step]
+            self.sent_through = start_step
+        try:
+            self.run = wandb.init(project=settings.project, entity=settings.entity, group=settings.group,
+                                  name=settings.name or os.path.basename(os.path.abspath(run_dir)),
+                                  mode=settings.mode, id=run_id, resume="allow", config=run_config,
+                                  dir=os.environ.get("WANDB_DIR") or run_dir,
+                                  reinit="create_new",  # the runs of a pack log from one process
+                                  settings=wandb.Settings(console="off"))
+        except wandb.errors.Error as e:
+            raise ConfigError(f"train.wandb: W&B could not start the run: {str(e).strip().splitlines()[0]} (log in "
+                              "with `wandb login`, or set train.wandb.mode offline)") from None
+        write_json_atomic(id_path, {"id": run_id})  # only once W&B has the run
+        for record in backfill:
+            self.send(record)
+
+    def log(self, record: dict) -> None:
+        if record.get("step", 0) > self.sent_through:
+            self.send(record)
+
+    def send(self, record: dict) -> None:
+        self.run.log({k: v for k, v in record.items() if k != "step"}, step=record.get("step", 0))
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class MetricsLogger:
     def __init__(self, run_dir: str, total_steps: int, start_step: int = 0, tensorboard: bool = False,
-                 enabled: bool = True, display: bool = True):
+                 wandb: WandbConfig | None = None, run_config: dict | None = None, enabled: bool = True,
+                 display: bool = True):
         """enabled=False: log nothing (ranks other than 0). display=False: write the files but print
-        nothing (a packed run, whose group prints one line for all its runs)."""
+        nothing (a packed run, whose group prints one line for all its runs). wandb: also send the records
+        to Weights & Biases, with run_config (the resolved config) as the W&B run's config."""
         self.enabled, self.display = enabled, display
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.total_steps = total_steps
         self.tb = None
+        self.wandb = None
         self.bar = None
         if not enabled:
             return
+        if wandb is not None and wandb.mode != "disabled":
+            self.wandb = WandbRun(wandb, run_dir, run_config or {}, start_step, read_metrics(self.path))
         truncate_metrics(self.path, start_step)
         self.file = open(self.path, "a")
         if tensorboard:
@@ -81,6 +139,8 @@ class MetricsLogger:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(record)
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
@@ -111,4 +171,6 @@ class MetricsLogger:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.close()
         self.file.close()

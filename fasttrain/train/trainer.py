@@ -256,7 +256,8 @@ class Run:
                     c.save(os.path.join(c.train.out_dir, "config.yaml"))
             # 5. The loop.
             self.loggers = [MetricsLogger(c.train.out_dir, t.steps, start_step, tensorboard=t.tensorboard,
-                                          enabled=engine.is_writer, display=len(cfgs) == 1) for c in cfgs]
+                                          wandb=c.train.wandb, run_config=c.to_dict(), enabled=engine.is_writer,
+                                          display=len(cfgs) == 1) for c in cfgs]
             try:
                 summaries = self.loop(start_step)
             finally:
