@@ -25,6 +25,8 @@ import torch
 
 from fasttrain.checkpoint.model import load_checkpoint
 from fasttrain.config import Config
+from fasttrain.data.dataset import open_dataset
+from fasttrain.eval.export import hf_tokenizer
 from fasttrain.model import GPT
 
 
@@ -89,9 +91,6 @@ def hooked_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[st
 
 def _tokenizer_of(dataset_path: str, context_length: int):
     """The dataset's tokenizer as transformers wants it; BOS (end-of-text) prepended as our sequences start."""
-    from fasttrain.data.dataset import open_dataset
-    from fasttrain.eval.export import hf_tokenizer
-
     dataset = open_dataset(dataset_path, verify=False)  # only the tokenizer is read
     return hf_tokenizer(dataset.tokenizer, dataset.eot_id, context_length, add_bos_token=True,
                         name_or_path=os.path.abspath(dataset_path))

@@ -82,7 +82,7 @@ def hf_tokenizer(tokenizer, eot_id: int | None, context_length: int, **kwargs):
 def export_hf(model: GPT, out_dir: str, tokenizer=None, eot_id: int | None = None,
               dtype: torch.dtype = torch.float32) -> str:
     """Write config.json, model.safetensors and (given a tokenizers.Tokenizer) the tokenizer to out_dir."""
-    transformers = _transformers()
+    _transformers()  # the one-line error before anything is written
     from safetensors.torch import save_file
 
     os.makedirs(out_dir, exist_ok=True)

@@ -5,17 +5,21 @@ import argparse
 import os
 import sys
 
+from fasttrain.config import ConfigError
+from fasttrain.data.corpus import CorpusNotInstalled
+from fasttrain.sweep.demo import run_demo
+from fasttrain.sweep.grid import SweepError, load_sweep, slurm_settings_from_dict
+from fasttrain.sweep.plan import format_plan, plan
+from fasttrain.sweep.report import write_report
+from fasttrain.sweep.runner import run_sweep
+from fasttrain.sweep.slurm import cancel, format_status, run_slurm_sweep, sweep_status
+
 
 def cmd_sweep(args) -> None:
-    from fasttrain.sweep.grid import SweepError, load_sweep, slurm_settings_from_dict
-    from fasttrain.sweep.runner import run_sweep
-
     spec = load_sweep(args.sweep)
     if args.slurm and spec.slurm is None:
         spec.slurm = slurm_settings_from_dict({}, spec.num_gpus)
     if args.status or args.cancel:
-        from fasttrain.sweep.slurm import cancel, format_status, sweep_status
-
         sweep_dir = args.out or spec.out_dir
         if args.cancel:
             cancelled = cancel(spec, args.out)
@@ -25,8 +29,6 @@ def cmd_sweep(args) -> None:
         print(format_status(runs, statuses, entries, os.path.abspath(sweep_dir)))
         return
     if args.dry_run:
-        from fasttrain.sweep.plan import format_plan, plan
-
         print(format_plan(plan(spec, args.out, measure=not args.no_measure, pack=args.pack, jobs=args.jobs),
                           jobs=args.jobs))
         return
@@ -34,8 +36,6 @@ def cmd_sweep(args) -> None:
         raise SweepError(f"--{'wait' if args.wait else 'retry-failed'}: only for sweeps on Slurm (--slurm, or "
                          "executor.slurm in the sweep file); a sweep run here always retries its failed runs")
     if spec.slurm is not None:
-        from fasttrain.sweep.slurm import run_slurm_sweep
-
         try:
             result = run_slurm_sweep(spec, args.out, pack=args.pack, wait=args.wait, retry_failed=args.retry_failed,
                                      progress=not args.quiet)
@@ -60,8 +60,6 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from fasttrain.sweep.report import write_report
-
     if args.bootstrap < 0:
         raise ValueError(f"--bootstrap {args.bootstrap}: must be 0 (none) or more resamples")
     report, page = write_report(args.sweep_dir, args.out, bootstrap=args.bootstrap,
@@ -72,8 +70,6 @@ def cmd_report(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from fasttrain.sweep.demo import run_demo
-
     try:
         run_demo(out_dir=args.out, scale=args.scale, jobs=args.jobs, max_bytes=args.max_bytes, pack=args.pack,
                  finetune=args.finetune)
@@ -152,9 +148,6 @@ def register(subparsers) -> None:
 
 def main(argv=None) -> int:
     """`python -m fasttrain.sweep` runs these three commands on their own."""
-    from fasttrain.config import ConfigError
-    from fasttrain.data.corpus import CorpusNotInstalled
-
     parser = argparse.ArgumentParser(prog="python -m fasttrain.sweep")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register(sub)

@@ -25,8 +25,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 from fasttrain.checkpoint.files import read_json
+from fasttrain.data import prepare_dataset
+from fasttrain.data.corpus import CORPORA, installed_corpus, iter_corpus, missing_sources
 from fasttrain.ladder import PRESETS
-from fasttrain.sweep.grid import SweepSpec, expand
+from fasttrain.sweep.grid import SweepError, SweepSpec, expand
+from fasttrain.sweep.report import write_report
 from fasttrain.sweep.runner import run_sweep
 
 DEMO_VOCAB = 4096
@@ -113,9 +116,6 @@ def prepare_demo_data(data_dir: str, max_bytes: Optional[int]) -> dict:
         print(f"dataset: reusing {data_dir} ({manifest['splits']['train']['tokens']:,} training tokens of the "
               f"{corpus} corpus)")
         return manifest
-    from fasttrain.data import prepare_dataset
-    from fasttrain.data.corpus import CORPORA, installed_corpus, iter_corpus, missing_sources
-
     corpus = installed_corpus()
     if corpus != "default":
         print(f"dataset: the default corpus is not installed (missing: {', '.join(missing_sources('default'))}); "
@@ -138,9 +138,6 @@ def prepare_finetune_data(data_dir: str, pretraining: dict, tokenizer_file: str,
     if skip_bytes is None:
         raise ValueError("the fine-tuning stage needs a pretraining dataset read from part of the corpus "
                          "(--max-bytes); the whole corpus leaves no unseen text to fine-tune on")
-    from fasttrain.data import prepare_dataset
-    from fasttrain.data.corpus import CORPORA, iter_corpus
-
     corpus = (pretraining.get("prepare", {}).get("source") or {}).get("corpus", "default")
 
     def documents():  # the documents after the pretraining's (which stop before skip_bytes)
@@ -183,8 +180,6 @@ def _default_pack(spec: SweepSpec) -> int:
 def run_demo(out_dir: str = "demo", scale: int = 1, jobs: Optional[int] = None,
              max_bytes: Optional[int] = None, pack: Optional[int] = None, finetune: Optional[bool] = None) -> dict:
     """Prepare, train, evaluate and report; returns the report summary (also printed)."""
-    from fasttrain.sweep.report import write_report
-
     t0 = time.time()
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
@@ -216,8 +211,6 @@ def run_demo(out_dir: str = "demo", scale: int = 1, jobs: Optional[int] = None,
     print(f"time: {total / 60:.1f} min (data {t_data - t0:.0f} s, training and evaluation {t_train - t_data:.0f} s, "
           f"report {time.time() - t_train:.0f} s)")
     if result.failed:
-        from fasttrain.sweep.grid import SweepError
-
         raise SweepError(f"{len(result.failed)} demo run(s) failed: {', '.join(result.failed)}; see their logs "
                          f"under {spec.out_dir}/runs and re-run `fasttrain demo --out {out_dir}` to retry")
     doc = {"summary": summary, "report": page, "seconds": total}

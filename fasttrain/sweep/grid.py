@@ -58,6 +58,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from fasttrain.config import Config, ConfigError, config_from_dict
+from fasttrain.eval.run import ALL_METRICS
 from fasttrain.ladder import PRESETS, non_embedding_params
 
 SWEEP_KEYS = ("out_dir", "base", "grid", "budget", "per_size", "num_gpus", "evaluate", "eval_options", "pack",
@@ -325,8 +326,6 @@ def spec_from_dict(tree: dict, source: str = "sweep file") -> SweepSpec:
     if isinstance(evaluate, str):
         evaluate = [m.strip() for m in evaluate.split(",") if m.strip()]
     if isinstance(evaluate, list):
-        from fasttrain.eval.run import ALL_METRICS
-
         bad = [m for m in evaluate if m not in ALL_METRICS]
         if bad or not evaluate:
             raise SweepError(f"evaluate: {bad[0] if bad else 'empty list'!r} is not a metric "

@@ -22,10 +22,16 @@ import time
 from typing import Optional
 
 from fasttrain.checkpoint.files import read_json, write_json_atomic
+from fasttrain.data import RepetitionSchedule, ScheduleError, num_windows, open_dataset
+from fasttrain.device import autocast_dtype, resolve_device
+from fasttrain.optim import make_optimizer
+from fasttrain.sweep.cluster import gpus_per_node
+from fasttrain.sweep.fit import data_design_problem, token_groups
 from fasttrain.sweep.grid import RunSpec, SweepSpec, expand
-from fasttrain.sweep.manifest import MANIFEST
+from fasttrain.sweep.manifest import MANIFEST, now_iso
 from fasttrain.sweep.placement import gpus_per_job, jobs_at_once, simulate, visible_gpus
-from fasttrain.sweep.runner import plan_jobs, resolve_pack
+from fasttrain.sweep.runner import last_logged_step, plan_jobs, resolve_pack
+from fasttrain.train.engine import build_model, train_step
 from fasttrain.train.metrics import read_metrics
 
 THROUGHPUT = "throughput.json"
@@ -68,10 +74,6 @@ def measure_throughput(run: RunSpec, vocab_size: int, device: str = "auto") -> f
     """Tokens/s of full optimizer steps (forward, backward, AdamW) of this run's shape on random tokens."""
     import torch
 
-    from fasttrain.device import autocast_dtype, resolve_device
-    from fasttrain.optim import make_optimizer
-    from fasttrain.train.engine import build_model, train_step
-
     cfg = run.config
     dev = resolve_device(device if device != "auto" else cfg.train.device)
     amp = autocast_dtype(cfg.train.precision, dev)
@@ -105,8 +107,6 @@ def step_flops(run: RunSpec, vocab_size: int) -> float:
 
 def data_check(run: RunSpec) -> str:
     """'ok' when the prepared dataset holds enough windows for the run's schedule, else why not."""
-    from fasttrain.data import RepetitionSchedule, ScheduleError, num_windows, open_dataset
-
     path = run.config.data.path
     if not path:
         return "no data.path"
@@ -196,8 +196,6 @@ def placement(spec: SweepSpec, runs: list[RunSpec], rows: list[dict], jobs: list
     end as the runner will place them (rows get a "devices" entry), and the wall time when every job has an
     estimate; on a CPU, nothing ({"gpus": []})."""
     if spec.slurm is not None:
-        from fasttrain.sweep.slurm import gpus_per_node
-
         return {"slurm": {"partition": spec.slurm.partition, "nodes": spec.slurm.nodes,
                           "tasks_per_node": spec.num_gpus // spec.slurm.nodes,
                           "gpus_per_node": gpus_per_node(spec, runs), "jobs": len(jobs)}}
@@ -221,8 +219,6 @@ def placement(spec: SweepSpec, runs: list[RunSpec], rows: list[dict], jobs: list
 def budget_note(runs: list[RunSpec]) -> str:
     """A warning when the baselines train on different token budgets D: an effective size then needs an
     L(N, D) fit, which per-size budgets (D growing with N) cannot give."""
-    from fasttrain.sweep.fit import data_design_problem, token_groups
-
     base = [r for r in runs if r.is_baseline and not r.source]
     if len(token_groups([r.tokens for r in base])) <= 1:
         return ""
@@ -234,14 +230,10 @@ def budget_note(runs: list[RunSpec]) -> str:
 
 
 def _logged_step(run_dir: str) -> int:
-    from fasttrain.sweep.runner import last_logged_step
-
     return last_logged_step(run_dir)
 
 
 def _now() -> str:
-    from fasttrain.sweep.manifest import now_iso
-
     return now_iso()
 
 

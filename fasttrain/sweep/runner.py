@@ -37,12 +37,14 @@ from typing import Callable, Optional
 
 import yaml
 
-from fasttrain.checkpoint.files import read_json
+from fasttrain.checkpoint.files import list_checkpoints, read_json
 from fasttrain.config import ConfigError, config_differences, config_from_dict
+from fasttrain.sweep.cluster import SlurmQueue
 from fasttrain.sweep.grid import RunSpec, SweepError, SweepSpec, expand
 from fasttrain.sweep.manifest import Manifest, SweepLock, now_iso
 from fasttrain.sweep.placement import DevicePool, gpus_per_job, job_order, jobs_at_once, visible_gpus
 from fasttrain.train import REQUEUE_EXIT_CODE
+from fasttrain.train.packed import packing_key
 
 
 # ---- run folders -------------------------------------------------------------------------------------
@@ -105,8 +107,6 @@ def last_logged_step(run_dir: str) -> int:
 
 def newest_checkpoint_step(run_dir: str) -> int:
     """Step of the newest complete checkpoint in the run folder (0 when none)."""
-    from fasttrain.checkpoint.files import list_checkpoints
-
     checkpoints = list_checkpoints(run_dir)
     return checkpoints[-1][0] if checkpoints else 0
 
@@ -126,8 +126,6 @@ def resolve_pack(spec: SweepSpec, pack: Optional[int] = None) -> tuple[int, Opti
 def group_packs(runs: list[RunSpec], pack: int) -> list[list[RunSpec]]:
     """Runs to train, grouped into packs of at most `pack`: runs in a pack can be stacked (equal packing_key)
     and resume from the same checkpoint step. Packs keep the sweep's order, inside and between them."""
-    from fasttrain.train.packed import packing_key
-
     groups: dict[tuple, list] = {}
     for run in runs:
         groups.setdefault((packing_key(run.config), newest_checkpoint_step(run.run_dir)), []).append(run)
@@ -375,8 +373,6 @@ def _refuse_runs_on_slurm(manifest: Manifest) -> None:
     submitted = {name: e["job_id"] for name, e in manifest.runs.items() if e.get("job_id")}
     if not submitted or shutil.which("squeue") is None:
         return
-    from fasttrain.sweep.slurm import SlurmQueue
-
     try:
         queue = SlurmQueue.query(list(submitted.values()), accounting=False)
     except SweepError:  # the controller does not answer: the trainers' run-folder locks still guard the runs

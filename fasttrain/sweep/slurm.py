@@ -23,126 +23,30 @@ plain lists of strings); nothing here reads a pickle back: states come from Slur
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import os
-import re
 import shlex
 import shutil
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from fasttrain.checkpoint.files import read_json
+from fasttrain.sweep.cluster import require_slurm, _slurm_command, _one_line, SlurmQueue, gpus_per_node, check_resources
 from fasttrain.sweep.grid import RunSpec, SlurmSettings, SweepError, SweepSpec, expand
 from fasttrain.sweep.manifest import Manifest, SweepLock, now_iso
 from fasttrain.sweep.runner import (SweepResult, _describe_final, _tail, eval_command,
                                     is_evaluated, last_logged_step, newest_checkpoint_step, plan_jobs, record_runs,
                                     resolve_pack, trainer_args)
-from fasttrain.sweep.slurm_job import read_job_record
+from fasttrain.sweep.slurm_job import read_job_record, run_job
 from fasttrain.train import REQUEUE_EXIT_CODE
 
 RUNNING = ("RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESIZING")
 WAIT_POLL_S = 10.0  # --wait: seconds between two looks at the queue
 
 
-# ---- the cluster ---------------------------------------------------------------------------------------
-def require_slurm() -> None:
-    """sbatch on PATH and submitit installed, or a one-line error."""
-    if shutil.which("sbatch") is None:
-        raise SweepError("Slurm: sbatch is not on PATH; run the sweep on a Slurm login node, or drop --slurm "
-                         "(and executor.slurm from the sweep file) to run it here")
-    if importlib.util.find_spec("submitit") is None:
-        raise SweepError("Slurm: the submitit package is missing: pip install 'fasttrain-repeat[slurm]'")
-
-
-def _slurm_command(cmd: list[str]) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise SweepError(f"Slurm: `{' '.join(cmd[:2])} ...` failed: {e}") from None
-
-
-def _one_line(text: str) -> str:
-    return "; ".join(line.strip() for line in text.strip().splitlines() if line.strip())
-
-
-@dataclass
-class SlurmQueue:
-    """What Slurm says of some jobs: those still in the queue, and (where accounting is kept) how the others
-    ended."""
-    states: dict = field(default_factory=dict)  # job id -> squeue state, jobs in the queue only
-    where: dict = field(default_factory=dict)  # job id -> its nodes, or why it is pending
-    ended: Optional[dict] = None  # job id -> sacct state; None when the cluster keeps no accounting
-
-    @classmethod
-    def query(cls, job_ids: list[str], accounting: bool = True) -> "SlurmQueue":
-        queue = cls()
-        if not job_ids:
-            return queue
-        ids = ",".join(sorted(set(job_ids)))
-        out = _slurm_command(["squeue", "-h", "-r", "-j", ids, "-o", "%i|%T|%R"])
-        if out.returncode != 0 and "Invalid job id" not in out.stderr:  # every job has left the queue
-            raise SweepError(f"Slurm: squeue failed: {_one_line(out.stderr) or out.returncode}")
-        for line in out.stdout.splitlines() if out.returncode == 0 else []:
-            job_id, state, where = (line.split("|") + ["", ""])[:3]
-            queue.states[job_id.strip()] = state.strip()
-            queue.where[job_id.strip()] = where.strip()
-        if accounting:
-            acct = _slurm_command(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ids])
-            if acct.returncode == 0:  # without accounting ("accounting storage is disabled") states come from
-                queue.ended = {}      # squeue and the run folders alone
-                for line in acct.stdout.splitlines():
-                    job_id, _, state = line.partition("|")
-                    queue.ended[job_id.strip()] = (state.split() or [""])[0]
-        return queue
-
-
-def _gpus_in_gres(gres: str) -> int:
-    """GPUs of one node from sinfo's %G: 'gpu:8', 'gpu:a100:4(S:0-1),gpu:v100:2', '(null)'."""
-    return sum(int(n) for n in re.findall(r"gpu(?::[^:,(]+)?:(\d+)", gres))
-
-
-def largest_node_gpus(partition: Optional[str]) -> Optional[int]:
-    """GPUs of the partition's largest node (None when sinfo does not say)."""
-    out = _slurm_command(["sinfo", "-h", "-o", "%P|%G"])
-    if out.returncode != 0:
-        return None
-    counts = []
-    for line in out.stdout.splitlines():
-        name, _, gres = line.partition("|")
-        is_default = name.endswith("*")
-        if (partition is None and is_default) or name.rstrip("*") == partition:
-            counts.append(_gpus_in_gres(gres))
-    return max(counts) if counts else None
-
-
-def gpus_per_node(spec: SweepSpec, runs: list[RunSpec]) -> int:
-    settings = spec.slurm
-    if settings.gpus_per_run is not None:
-        return settings.gpus_per_run
-    return 0 if runs[0].config.train.device == "cpu" else spec.num_gpus // settings.nodes
-
-
-def check_resources(spec: SweepSpec, runs: list[RunSpec]) -> None:
-    settings = spec.slurm
-    if settings.nodes > 1 and not spec.uses_deepspeed:
-        raise SweepError(f"executor.slurm.nodes {settings.nodes}: only DeepSpeed runs span nodes; set num_gpus "
-                         "(processes per run, over all nodes) or base deepspeed.zero_stage")
-    gpus = gpus_per_node(spec, runs)
-    if gpus > 0:
-        largest = largest_node_gpus(settings.partition)
-        where = f"partition {settings.partition}" if settings.partition else "the default partition"
-        if largest is not None and gpus > largest:
-            more = (f"; spread each run over nodes: nodes: {-(-gpus // largest)}, gpus_per_run: {largest}"
-                    if largest else ": pick a GPU partition (executor.slurm.partition), or gpus_per_run: 0 "
-                                     "(or base train.device: cpu) for CPU-only jobs")
-            raise SweepError(f"executor.slurm.gpus_per_run {gpus}: the largest node of {where} has {largest} "
-                             f"GPU(s){more}")
-
-
+# ---- submitting ----------------------------------------------------------------------------------------
 def sbatch_parameters(spec: SweepSpec, runs: list[RunSpec], sweep_dir: str) -> dict:
     """submitit's SlurmExecutor parameters of every job of the sweep."""
     settings = spec.slurm
@@ -169,8 +73,6 @@ def submit(jobs: list[list[RunSpec]], spec: SweepSpec, runs: list[RunSpec], swee
     """Submit the jobs (one array when there are several); their job ids, in order."""
     import submitit
     from submitit.core.utils import FailedJobError
-
-    from fasttrain.sweep.slurm_job import run_job
 
     # The job runs submitit's command through slurm_job.main, which checks the job's pickle before submitit loads it.
     executor = submitit.SlurmExecutor(folder=os.path.join(sweep_dir, "slurm"), max_num_timeout=0,
