@@ -16,17 +16,9 @@ from fasttrain.interop import hooked_state_dict, to_hooked_transformer
 from fasttrain.measure.prefix_matching import induction_scores
 from fasttrain.model import GPT
 from test_eval_induction import induction_model
+from test_export import random_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def random_weights(model, seed=0):
-    """Perturb every parameter (LayerNorms and biases included) so a wrong mapping cannot hide."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def save_run(run_dir, model, data_path):
