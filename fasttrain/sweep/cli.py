@@ -129,7 +129,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser(
         "demo", help="prepare the default corpus, run a small repeated-data sweep and write its report",
-        description="The whole experiment in one command: about 15 minutes on 2 CPU cores at --scale 1. "
+        description="The whole experiment in one command: about 20 minutes on 2 CPU cores at --scale 1. "
                     "Re-run the same command to continue an interrupted demo.",
     )
     p.add_argument("--out", metavar="DIR", default="demo", help="folder for the dataset, runs and report (default: demo)")

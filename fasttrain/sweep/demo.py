@@ -1,6 +1,6 @@
 """`fasttrain demo`: the repeated-data experiment end to end, small enough for a laptop CPU.
 
-    fasttrain demo                 # about 15 minutes on 2 CPU cores, no GPU and no network
+    fasttrain demo                 # about 20 minutes on 2 CPU cores, no GPU and no network
     fasttrain demo --scale 3       # larger models and more tokens, for a GPU
 
 Steps (each resumable: re-running the command continues where it stopped):
@@ -52,7 +52,7 @@ class DemoScale:
 
 
 def demo_scale(scale: int) -> DemoScale:
-    """Scale 1 is tuned for about 15 minutes on 2 CPU cores; later scales climb the ladder for a GPU.
+    """Scale 1 is about 20 minutes on 2 CPU cores; later scales climb the ladder for a GPU.
 
     What the tuning found (scale 1, batch 8 x 128 tokens, measured on 2 shared CPU cores):
     - Every size trains on the same 0.6M tokens (586 steps). Models this early in training improve with size
