@@ -21,6 +21,7 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # What attention "auto" chooses among on a GPU (flash only where flash-attn is installed).
 AUTO_ATTENTION_CANDIDATES = ("cudnn", "torch", "triton", "flash")
@@ -39,8 +40,6 @@ def _flash_attn_func():
 
 def _restricted_sdpa(q, k, v, dropout_p, backends):
     """SDPA allowed only the given SDPBackends (q, k, v as (B, H, T, D))."""
-    from torch.nn.attention import sdpa_kernel
-
     with sdpa_kernel(backends):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
 
@@ -62,8 +61,6 @@ def causal_attention(q, k, v, backend: str, dropout_p: float = 0.0):
     elif backend == "cudnn":
         if not q.is_cuda:
             raise ValueError("model.attention=cudnn needs a CUDA GPU (cuDNN's attention): use auto or torch")
-        from torch.nn.attention import SDPBackend
-
         y = _restricted_sdpa(q, k, v, dropout_p, [SDPBackend.CUDNN_ATTENTION])
     else:
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)

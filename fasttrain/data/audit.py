@@ -7,7 +7,10 @@ subset reported for evaluation is the one training sees, the realized repeated f
 placement of every pass over the repeated subset. Memory: about 3 bytes per available window plus the
 chunk; time: seconds per ten million positions.
 """
+import sys
+
 import numpy as np
+from tqdm import tqdm
 
 from .schedule import RepetitionSchedule
 
@@ -52,9 +55,6 @@ def audit_schedule(stream_or_schedule, chunk=1 << 20, check_passes=None, progres
 
     starts = range(0, S, chunk)
     if progress:
-        from tqdm import tqdm
-        import sys
-
         starts = tqdm(starts, desc="audit", unit=" chunks", file=sys.stderr)
     for start in starts:
         positions = np.arange(start, min(start + chunk, S), dtype=np.int64)

@@ -29,6 +29,7 @@ import os
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 
 from .indexed import IndexedDataset, IndexedDatasetError
 
@@ -101,8 +102,6 @@ class PreparedDataset:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from tokenizers import Tokenizer
-
             self._tokenizer = Tokenizer.from_file(os.path.join(self.path, TOKENIZER))
         return self._tokenizer
 

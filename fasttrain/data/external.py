@@ -21,6 +21,7 @@ import shutil
 import sys
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from .dataset import FORMAT_NAME, MANIFEST, TOKENIZER, file_sha256
 from .indexed import IndexedDataset, scan_tokens
@@ -34,8 +35,6 @@ def register_indexed_dataset(out_dir, prefix, tokenizer_file, test_prefix=None, 
                              hash_files=False, overwrite=False, progress=True):
     """Write a dataset folder that uses the .bin/.idx files at `prefix` (and `test_prefix`) in place; returns
     its manifest. Raises ValueError (one line, saying what to change) for files that cannot be used."""
-    from tokenizers import Tokenizer
-
     out_dir = os.path.abspath(os.fspath(out_dir))
     if test_prefix is None and not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")

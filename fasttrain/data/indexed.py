@@ -13,8 +13,10 @@ import copy
 import hashlib
 import os
 import struct
+import sys
 
 import numpy as np
+from tqdm import tqdm
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -210,9 +212,6 @@ def scan_tokens(bin_path, dtype, with_sha256=False, chunk_bytes=1 << 26, progres
     sha256 = hashlib.sha256() if with_sha256 else None
     bar = None
     if progress:
-        import sys
-
-        from tqdm import tqdm
 
         bar = tqdm(total=total, desc="reading " + os.path.basename(bin_path), unit="B", unit_scale=True,
                    file=sys.stderr, mininterval=1.0)

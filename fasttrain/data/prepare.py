@@ -15,6 +15,8 @@ import sys
 import time
 
 import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
 
 from .dataset import FORMAT_NAME, MANIFEST, TOKENIZER, file_sha256
 from .indexed import IndexedDatasetWriter, token_dtype_for_vocab
@@ -60,8 +62,6 @@ def _two_passes(documents, spool_path):
 
 
 def _train_tokenizer(texts, vocab_size, progress):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -76,8 +76,6 @@ def _train_tokenizer(texts, vocab_size, progress):
 
 
 def _load_tokenizer(tokenizer_file):
-    from tokenizers import Tokenizer
-
     if not os.path.isfile(tokenizer_file):
         raise FileNotFoundError(f"tokenizer file {tokenizer_file} not found")
     tokenizer = Tokenizer.from_file(os.fspath(tokenizer_file))
@@ -165,8 +163,6 @@ def _prepare_into(
     tmp_dir, documents, vocab_size, test_fraction, tokenizer_file, seed, batch_docs, progress, source,
     tokenizer_sample_chars,
 ):
-    from tqdm import tqdm
-
     t_start = time.perf_counter()
     spool_path = os.path.join(tmp_dir, "documents.spool")
     if tokenizer_file is None:

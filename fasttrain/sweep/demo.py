@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 from fasttrain.checkpoint.files import read_json
 from fasttrain.data import prepare_dataset
 from fasttrain.data.corpus import CORPORA, installed_corpus, iter_corpus, missing_sources
@@ -162,8 +164,6 @@ def _default_jobs() -> Optional[int]:
     """Tiny models use one core poorly: on a CPU, one single-threaded run per core (up to 4) trains more
     tokens per second than one run on every core. On GPUs, one job (a pack) per GPU (None: the runner's
     default)."""
-    import torch
-
     if torch.cuda.is_available():
         return None
     return max(1, min(4, os.cpu_count() or 1))
@@ -172,8 +172,6 @@ def _default_jobs() -> Optional[int]:
 def _default_pack(spec: SweepSpec) -> int:
     """On a GPU the runs of one size (its baseline and every E) train as one pack: small models cannot
     fill it one at a time. On a CPU, one run per process."""
-    import torch
-
     return 1 + len(spec.repeat_counts) if torch.cuda.is_available() else 1
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+import torch
+
 from fasttrain.sweep.grid import SweepError, SweepSpec
 
 
 def gpu_count() -> int:
     """The number of CUDA devices this process sees (the hook the tests replace to fake a multi-GPU node)."""
-    import torch
-
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 

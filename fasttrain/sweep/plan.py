@@ -21,6 +21,8 @@ import statistics
 import time
 from typing import Optional
 
+import torch
+
 from fasttrain.checkpoint.files import read_json, write_json_atomic
 from fasttrain.data import RepetitionSchedule, ScheduleError, num_windows, open_dataset
 from fasttrain.device import autocast_dtype, resolve_device
@@ -41,8 +43,6 @@ MAX_MEASURED_STEP_FLOPS_CPU = 2e11  # larger shapes take minutes per step on a C
 
 
 def device_name(device: str = "auto") -> str:
-    import torch
-
     if device in ("auto", "cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return "cpu"
@@ -72,8 +72,6 @@ def logged_throughput(run_dir: str) -> Optional[float]:
 
 def measure_throughput(run: RunSpec, vocab_size: int, device: str = "auto") -> float:
     """Tokens/s of full optimizer steps (forward, backward, AdamW) of this run's shape on random tokens."""
-    import torch
-
     cfg = run.config
     dev = resolve_device(device if device != "auto" else cfg.train.device)
     amp = autocast_dtype(cfg.train.precision, dev)

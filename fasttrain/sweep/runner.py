@@ -24,6 +24,7 @@ file changed what a run means, the sweep stops with an error naming the run.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import yaml
+from tqdm import tqdm
 
 from fasttrain.checkpoint.files import list_checkpoints, read_json
 from fasttrain.config import ConfigError, config_differences, config_from_dict
@@ -190,8 +192,6 @@ def _die_with_parent() -> None:
     """In the child: get SIGTERM when the sweep process dies (even by SIGKILL), so no orphaned run keeps
     writing into a folder that a restarted sweep resumes."""
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
@@ -252,8 +252,6 @@ class Progress:
         self.stream = stream or sys.stdout
         self.bar = None
         if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total_steps, initial=done_steps, unit="step", desc="sweep", dynamic_ncols=True)
 
     def line(self, text: str) -> None:

@@ -9,6 +9,8 @@ import string
 import sys
 import time
 
+from tqdm import tqdm
+
 from fasttrain.checkpoint.files import read_json, write_json_atomic
 from fasttrain.config import ConfigError, WandbConfig
 from fasttrain.device import mfu_fields
@@ -129,8 +131,6 @@ class MetricsLogger:
                 raise ImportError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
             self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
         if display and sys.stderr.isatty():
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
         self.t0 = time.time()
 
