@@ -12,7 +12,8 @@ import yaml
 
 import fasttrain
 from fasttrain.checkpoint import CheckpointError
-from fasttrain.checkpoint.files import checkpoint_path, list_checkpoints
+from fasttrain.checkpoint.deepspeed import ds_allowed
+from fasttrain.checkpoint.files import checkpoint_path, list_checkpoints, safe_load
 from fasttrain.config import load_config
 from fasttrain.train import train
 
@@ -77,6 +78,7 @@ def trained(dataset_dir, tmp_path_factory):
 
 def test_the_payload_is_real(trained, tmp_path):
     # The same file loaded the unsafe way runs its payload: the tests below would see it if fasttrain did.
+    # (The one unsafe load in the repository, on purpose: it shows the payload is real.)
     evil, marker = tmp_path / "evil.pt", tmp_path / "ran"
     shutil.copy(checkpoint_path(str(trained), 4), evil)
     plant(evil, marker)
@@ -151,7 +153,7 @@ def test_deepspeed_resume_and_export_refuse_a_payload(dataset_dir, tmp_path):
     res = cli("train", "--config", config, worker=True)
     assert res.returncode == 0, res.stderr[-3000:]
     states = run / "ds_checkpoints" / "step_0000004" / "mp_rank_00_model_states.pt"
-    state = torch.load(states, weights_only=False)  # our own, just written
+    state = safe_load(str(states), allowed=ds_allowed())  # our own, just written
     state["payload"] = Payload(marker)
     torch.save(state, states)
     os.remove(run / "final.json")

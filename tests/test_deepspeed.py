@@ -136,7 +136,7 @@ def losses(run_dir):
 
 
 def final_weights(run_dir, step=STEPS):
-    return torch.load(os.path.join(run_dir, "checkpoints", f"step_{step:07d}.pt"), weights_only=False)["model"]
+    return torch.load(os.path.join(run_dir, "checkpoints", f"step_{step:07d}.pt"), weights_only=True)["model"]
 
 
 def assert_same_losses(run_dir, baseline_dir, steps):
@@ -337,7 +337,7 @@ def test_exported_checkpoint_continues_in_the_plain_trainer(stage, root, zero_ru
         g.writelines(line for line in f if json.loads(line)["step"] <= 3)
     path = export_consolidated(source, os.path.join(run_dir, "checkpoints", "step_0000003.pt"))
 
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = torch.load(path, weights_only=True)
     assert ckpt["step"] == 3 and {"model", "optimizer", "rng", "config", "vocab_size"} <= set(ckpt)
     assert_same_weights(ckpt["model"], final_weights(plain, 3))
     model, _ = load_model(path)  # what the evaluations read
@@ -352,7 +352,7 @@ def test_exported_checkpoint_continues_in_the_plain_trainer(stage, root, zero_ru
 
 def test_bf16_export_holds_weights_only(root, zero_run, plain):
     path = export_consolidated(zero_run(3), str(root / "zero3_bf16.pt"), dtype="bf16")
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = torch.load(path, weights_only=True)
     assert ckpt["step"] == STEPS and "optimizer" not in ckpt
     assert all(v.dtype == torch.bfloat16 for v in ckpt["model"].values())
     model, _ = load_model(path)

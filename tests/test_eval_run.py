@@ -308,7 +308,7 @@ def test_bad_checkpoints_are_clear_errors(setup, tmp_path):
     with pytest.raises(CheckpointError, match="trained with model.d_model=32"):
         load_checkpoint(setup["run"], config=other)
     # A checkpoint whose embedded config is another model's: the shapes name the problem.
-    ckpt = torch.load(os.path.join(setup["run"], "checkpoints", "step_0000010.pt"), weights_only=False)
+    ckpt = torch.load(os.path.join(setup["run"], "checkpoints", "step_0000010.pt"), weights_only=True)
     ckpt["config"] = other.to_dict()
     torch.save(ckpt, tmp_path / "mixed.pt")
     with pytest.raises(CheckpointError, match=r"does not match the config .*d_model=48.*wte.weight has shape"):

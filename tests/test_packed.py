@@ -54,7 +54,7 @@ def _losses(run_dir):
 
 
 def _final_checkpoint(run_dir):
-    return torch.load(list_checkpoints(run_dir)[-1][1], map_location="cpu", weights_only=False)
+    return torch.load(list_checkpoints(run_dir)[-1][1], map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")
