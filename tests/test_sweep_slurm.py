@@ -6,16 +6,16 @@ import re
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
-import yaml
 
 from fasttrain.sweep import slurm
 from fasttrain.sweep.cli import main as sweep_main
 from fasttrain.sweep.grid import SweepError, spec_from_dict
 from fasttrain.sweep.runner import run_sweep
 from slurm_cluster import missing_commands, one_node_cluster
+from test_sweep_pack import read_manifest as entries, write_sweep
+from test_sweep_resume import wait_for
 
 STEPS = 200
 RUNS = ("100k_f0_s0", "100k_f0.1_E2_uniform_s0")
@@ -55,16 +55,6 @@ def sweep_tree(out_dir, data_path, slurm_settings=None, **changes):
     return tree
 
 
-def write_sweep(path, tree):
-    path.write_text(yaml.safe_dump(tree))
-    return str(path)
-
-
-def entries(sweep_dir):
-    with open(os.path.join(sweep_dir, "manifest.json")) as f:
-        return json.load(f)["runs"]
-
-
 def logged(run_dir):
     """(step, loss) of every logged step, and the final test loss."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
@@ -72,16 +62,6 @@ def logged(run_dir):
     with open(os.path.join(run_dir, "final.json")) as f:
         final = json.load(f)["test_loss"]
     return [(r["step"], r["loss"]) for r in records if "loss" in r], final
-
-
-def wait_for(condition, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def last_step(run_dir):
